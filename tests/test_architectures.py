@@ -1,0 +1,279 @@
+"""Every parameter of every supported family gets the depth and the exact learning rate of the convention.
+
+The expected depths below are written by hand from the model's documented structure, independently of
+the library: a list of (regex, stack, depth) rules per family, first match wins, and every parameter must
+match a rule. ``"b"`` means "block index + 1" from the regex's groups.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import tiny_models
+
+from llrd import layer_ids, param_groups
+
+LR, DECAY = 1e-3, 0.5  # powers of 0.5 are exact in binary: exact float comparisons below
+
+
+def swin_depth(match: re.Match) -> int:
+    depths = [2, 1, 2]
+    stage, block = int(match[1]), int(match[2])
+    return sum(depths[:stage]) + block + 1
+
+
+def convnext_depth(match: re.Match) -> int:
+    depths = [1, 2, 1]
+    stage, block = int(match[1]), int(match[2])
+    return sum(depths[:stage]) + block + 1
+
+
+S = "single"
+EXPECTED: dict[str, tuple[dict[str, int], list[tuple[str, str, object]]]] = {
+    "bert": (
+        {S: 2},
+        [
+            (r"^bert\.embeddings\.", S, 0),
+            (r"^bert\.encoder\.layer\.(\d+)\.", S, "b"),
+            (r"^(bert\.pooler|classifier)\.", S, "h"),
+        ],
+    ),
+    "roberta": (
+        {S: 2},
+        [(r"^roberta\.embeddings\.", S, 0), (r"^roberta\.encoder\.layer\.(\d+)\.", S, "b"), (r"^classifier\.", S, "h")],
+    ),
+    "xlm-roberta": (
+        {S: 2},
+        [(r"^roberta\.embeddings\.", S, 0), (r"^roberta\.encoder\.layer\.(\d+)\.", S, "b"), (r"^classifier\.", S, "h")],
+    ),
+    "electra": (
+        {S: 2},
+        [
+            (r"^electra\.embeddings(_project)?\.", S, 0),
+            (r"^electra\.encoder\.layer\.(\d+)\.", S, "b"),
+            (r"^classifier\.", S, "h"),
+        ],
+    ),
+    "distilbert": (
+        {S: 2},
+        [
+            (r"^distilbert\.embeddings\.", S, 0),
+            (r"^distilbert\.transformer\.layer\.(\d+)\.", S, "b"),
+            (r"^(pre_classifier|classifier)\.", S, "h"),
+        ],
+    ),
+    "deberta-v2": (
+        {S: 2},
+        [
+            (r"^deberta\.embeddings\.", S, 0),
+            (r"^deberta\.encoder\.(rel_embeddings|LayerNorm)\.", S, 0),
+            (r"^deberta\.encoder\.layer\.(\d+)\.", S, "b"),
+            (r"^(pooler|classifier)\.", S, "h"),
+        ],
+    ),
+    # one stored layer reused 3 times: one block
+    "albert": (
+        {S: 1},
+        [
+            (r"^albert\.(embeddings|encoder\.embedding_hidden_mapping_in)\.", S, 0),
+            (r"^albert\.encoder\.albert_layer_groups\.0\.albert_layers\.(\d+)\.", S, "b"),
+            (r"^(albert\.pooler|classifier)\.", S, "h"),
+        ],
+    ),
+    "modernbert": (
+        {S: 3},
+        [
+            (r"^model\.embeddings\.", S, 0),
+            (r"^model\.layers\.(\d+)\.", S, "b"),
+            (r"^(model\.final_norm|head|classifier)\.", S, "h"),
+        ],
+    ),
+    "vit": (
+        {S: 2},
+        [
+            (r"^vit\.embeddings\.", S, 0),
+            (r"^vit\.layers\.(\d+)\.", S, "b"),
+            (r"^(vit\.layernorm|classifier)\.", S, "h"),
+        ],
+    ),
+    "deit": (
+        {S: 2},
+        [
+            (r"^deit\.embeddings\.", S, 0),
+            (r"^deit\.layers\.(\d+)\.", S, "b"),
+            (r"^(deit\.layernorm|classifier)\.", S, "h"),
+        ],
+    ),
+    "beit": (
+        {S: 2},
+        [
+            (r"^beit\.embeddings\.", S, 0),
+            (r"^beit\.layers\.(\d+)\.", S, "b"),
+            (r"^(beit\.pooler|classifier)\.", S, "h"),
+        ],
+    ),
+    "dinov2": (
+        {S: 2},
+        [
+            (r"^dinov2\.embeddings\.", S, 0),
+            (r"^dinov2\.encoder\.layer\.(\d+)\.", S, "b"),
+            (r"^(dinov2\.layernorm|classifier)\.", S, "h"),
+        ],
+    ),
+    "swin": (
+        {S: 5},
+        [
+            (r"^swin\.embeddings\.", S, 0),
+            (r"^swin\.encoder\.layers\.(\d+)\.blocks\.(\d+)\.", S, swin_depth),
+            (r"^swin\.encoder\.layers\.(\d+)\.downsample\.", S, None),
+            (r"^(swin\.layernorm|classifier)\.", S, "h"),
+        ],
+    ),
+    "convnext": (
+        {S: 4},
+        [
+            (r"^convnext\.embeddings\.", S, 0),
+            (r"^convnext\.encoder\.stages\.(\d+)\.layers\.(\d+)\.", S, convnext_depth),
+            (r"^convnext\.encoder\.stages\.(\d+)\.downsampling_layer\.", S, None),
+            (r"^(convnext\.layernorm|classifier)\.", S, "h"),
+        ],
+    ),
+    "clip": (
+        {"text_model": 2, "vision_model": 3},
+        [
+            (r"^text_model\.embeddings\.", "text_model", 0),
+            (r"^text_model\.encoder\.layers\.(\d+)\.", "text_model", "b"),
+            (r"^(text_model\.final_layer_norm|text_projection)\.", "text_model", "h"),
+            (r"^vision_model\.(embeddings|pre_layrnorm)\.", "vision_model", 0),
+            (r"^vision_model\.encoder\.layers\.(\d+)\.", "vision_model", "b"),
+            (r"^(vision_model\.post_layernorm\.|visual_projection\.|logit_scale$)", "vision_model", "h"),
+        ],
+    ),
+    "gpt2": (
+        {S: 2},
+        [
+            (r"^transformer\.(wte|wpe)\.", S, 0),
+            (r"^transformer\.h\.(\d+)\.", S, "b"),
+            (r"^(transformer\.ln_f|score)\.", S, "h"),
+        ],
+    ),
+    "llama": (
+        {S: 2},
+        [(r"^model\.embed_tokens\.", S, 0), (r"^model\.layers\.(\d+)\.", S, "b"), (r"^(model\.norm|score)\.", S, "h")],
+    ),
+    "qwen2": (
+        {S: 2},
+        [(r"^model\.embed_tokens\.", S, 0), (r"^model\.layers\.(\d+)\.", S, "b"), (r"^(model\.norm|score)\.", S, "h")],
+    ),
+    # encoder and decoder: independent stacks; the shared (tied) embedding appears once, in the encoder's stem;
+    # T5's relative-position table lives in block 0 but serves every block: stem.
+    "t5": (
+        {"encoder": 2, "decoder": 3},
+        [
+            (r"^shared\.", "encoder", 0),
+            (r"^encoder\.block\.0\..*relative_attention_bias\.", "encoder", 0),
+            (r"^encoder\.block\.(\d+)\.", "encoder", "b"),
+            (r"^encoder\.final_layer_norm\.", "encoder", "h"),
+            (r"^decoder\.block\.0\..*relative_attention_bias\.", "decoder", 0),
+            (r"^decoder\.block\.(\d+)\.", "decoder", "b"),
+            (r"^decoder\.final_layer_norm\.", "decoder", "h"),
+        ],
+    ),
+    "bart": (
+        {"encoder": 2, "decoder": 2},
+        [
+            (r"^model\.shared\.", "encoder", 0),
+            (r"^model\.encoder\.(embed_positions|layernorm_embedding)\.", "encoder", 0),
+            (r"^model\.encoder\.layers\.(\d+)\.", "encoder", "b"),
+            (r"^model\.decoder\.(embed_positions|layernorm_embedding)\.", "decoder", 0),
+            (r"^model\.decoder\.layers\.(\d+)\.", "decoder", "b"),
+            (r"^classification_head\.", "decoder", "h"),
+        ],
+    ),
+    "whisper": (
+        {"encoder": 2, "decoder": 2},
+        [
+            (r"^model\.encoder\.(conv1|conv2|embed_positions)\.", "encoder", 0),
+            (r"^model\.encoder\.layers\.(\d+)\.", "encoder", "b"),
+            (r"^model\.encoder\.layer_norm\.", "encoder", "h"),
+            (r"^model\.decoder\.(embed_tokens|embed_positions)\.", "decoder", 0),
+            (r"^model\.decoder\.layers\.(\d+)\.", "decoder", "b"),
+            (r"^model\.decoder\.layer_norm\.", "decoder", "h"),
+        ],
+    ),
+}
+
+# downsampling layers: Swin stage s (patch merging at its end) feeds stage s+1; ConvNeXt stage s starts with it.
+DOWNSAMPLE = {
+    "swin": lambda m: sum([2, 1, 2][: int(m[1]) + 1]) + 1,
+    "convnext": lambda m: sum([1, 2, 1][: int(m[1])]) + 1,
+}
+
+
+def expected_depths(family: str, names: list[str]) -> dict[str, tuple[str, int]]:
+    counts, rules = EXPECTED[family]
+    out = {}
+    for name in names:
+        for pattern, stack, depth in rules:
+            m = re.search(pattern, name)
+            if m is None:
+                continue
+            num_layers = counts[stack]
+            if depth == "h":
+                value = num_layers + 1
+            elif depth == "b":
+                value = int(m[1]) + 1
+            elif depth is None:
+                value = DOWNSAMPLE[family](m)
+            elif callable(depth):
+                value = depth(m)
+            else:
+                value = depth
+            out[name] = (stack, value)
+            break
+        else:
+            raise AssertionError(f"{family}: no expectation covers parameter {name!r}")
+    return out
+
+
+@pytest.mark.parametrize("family", list(EXPECTED))
+def test_depth_and_exact_lr_of_every_parameter(family):
+    model = tiny_models.make(family)
+    names = [n for n, _ in model.named_parameters()]
+    expected = expected_depths(family, names)
+    counts = EXPECTED[family][0]
+
+    lm = layer_ids(model)
+    stack_alias = {S: next(iter(lm.stacks))} if S in counts else {s: s for s in counts}
+    assert {stack_alias[s]: n for s, n in counts.items()} == {s.name: s.num_layers for s in lm.stacks.values()}
+    for name in names:
+        stack, depth = expected[name]
+        assert (lm.info(name).stack, lm[name]) == (stack_alias[stack], depth), name
+
+    groups = param_groups(model, lr=LR, layer_decay=DECAY, weight_decay=0.01)
+    lr_of = {n: g["lr"] for g in groups for n in g["param_names"]}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(lr_of) == sorted(trainable)  # every trainable parameter exactly once, frozen ones in none
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
+    for name in trainable:
+        stack, depth = expected[name]
+        assert lr_of[name] == LR * DECAY ** (counts[stack] + 1 - depth), name
+    # head first, no empty group, one group per (stack, depth, decay) bucket
+    assert groups[0]["lr"] == LR and all(g["params"] for g in groups)
+    buckets = {(g["stack"], g["layer_id"], g["weight_decay"] > 0) for g in groups}
+    assert len(buckets) == len(groups)
+
+
+def test_tied_embeddings_appear_once():
+    import transformers as tf
+
+    model = tf.BertForMaskedLM(tf.BertConfig(num_hidden_layers=2, **tiny_models.TEXT))
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    groups = param_groups(model, lr=LR, layer_decay=DECAY)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    lr_of = {n: g["lr"] for g in groups for n in g["param_names"]}
+    # policy: a tied tensor takes the depth of its first name, the input embedding
+    assert lr_of["bert.embeddings.word_embeddings.weight"] == LR * DECAY**3
+    assert "cls.predictions.decoder.weight" not in lr_of
