@@ -160,7 +160,8 @@ def _find_blocks(modules: dict[str, nn.Module], spec: BlockSpec) -> list[str]:
         if not found:
             raise ValueError(
                 f"block_pattern={spec!r} matches no module of the model. It must fully match clean module paths "
-                f"such as {normalize_name(paths[min(len(paths) - 1, 3)])!r}; list them with `[n for n, _ in model.named_modules()]`."
+                f"such as {normalize_name(paths[min(len(paths) - 1, 3)])!r}; list them with "
+                "`[n for n, _ in model.named_modules()]`."
             )
         return _outermost(found)
     if callable(spec):
@@ -343,7 +344,8 @@ def layer_ids(
     if unused:
         raise ValueError(
             f"depth_overrides pattern(s) {unused} match no parameter of {type(model).__name__}. Patterns are searched "
-            "in clean parameter names (e.g. 'classifier\\.'); list them with `[n for n, _ in model.named_parameters()]`."
+            "in clean parameter names (e.g. 'classifier\\.'); list them with "
+            "`[n for n, _ in model.named_parameters()]`."
         )
     _cross_check(model, stacks)
     return LayerMap(params, stacks, raw_names)
