@@ -53,8 +53,19 @@ class LLRDTrainingArguments(TrainingArguments):
         },
     )
 
+    layer_stats: str = field(
+        default="all",
+        metadata={
+            "help": "Per-depth logging on every logging step: 'all' (learning rate, gradient norm and "
+            "update-to-weight ratio), 'lr' (learning rates only) or 'none'.",
+            "choices": ["none", "lr", "all"],
+        },
+    )
+
     def __post_init__(self):
         self.layer_decay = check_layer_decay(self.layer_decay, "layer_decay")
+        if self.layer_stats not in ("none", "lr", "all"):
+            raise ValueError(f"layer_stats={self.layer_stats!r}: use 'none', 'lr' or 'all'.")
         if self.block_pattern is not None:
             try:
                 re.compile(self.block_pattern)

@@ -11,8 +11,10 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_optimizer import is_optimizer_factory
 
 from .args import LLRDTrainingArguments
+from .discovery import layer_ids
 from .groups import param_groups, summarize_groups
 from .loss_scaling import loss_uses_num_items
+from .monitor import LayerMonitor
 
 __all__ = ["LLRDTrainer"]
 
@@ -41,6 +43,7 @@ class LLRDTrainer(Trainer):
             f.name for f in dataclasses.fields(TrainingArguments)
         }
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in llrd_names}
+        self._monitor: LayerMonitor | None = None
         super().__init__(model, _llrd_args(args, overrides), *rest, **kwargs)
         if self.model is not None and loss_uses_num_items(self.model) is False and self.model_accepts_loss_kwargs:
             # The head averages its own loss; Trainer would otherwise scale it by GA steps x processes.
@@ -60,22 +63,39 @@ class LLRDTrainer(Trainer):
                     "cannot carry per-layer learning rates. Use adamw_torch, adamw_torch_fused, adafactor, sgd, "
                     "an 8-bit AdamW, ... or layer_decay=1.0 with the plain Trainer."
                 )
+            layer_map = layer_ids(
+                opt_model, block_pattern=self.args.block_pattern, depth_overrides=self.args.depth_overrides
+            )
             groups = param_groups(
                 opt_model,
+                layer_map=layer_map,
                 lr=self.args.learning_rate,
                 layer_decay=self.args.layer_decay,
                 weight_decay=self.args.weight_decay,
                 decay_names=self.get_decay_parameter_names,
-                block_pattern=self.args.block_pattern,
-                depth_overrides=self.args.depth_overrides,
             )
             kwargs = {**optimizer_kwargs, "lr": self.args.learning_rate}  # defaults["lr"] stays the head lr
             self.optimizer = optimizer_cls(groups, **kwargs)
             _keep_embeddings_32bit(optimizer_cls, kwargs, opt_model)
             logger.info(summarize_groups(groups))
+            self._attach_monitor(layer_map)
             if self.args.layer_decay == 1.0:
                 logger.warning("layer_decay=1.0: layer-wise decay is off (plain Trainer groups). Set e.g. 0.8.")
         return super().create_optimizer(model)  # the optimizer exists: Trainer only applies its wrappers
+
+    def _attach_monitor(self, layer_map) -> None:
+        if self._monitor is not None:
+            self.remove_callback(self._monitor)
+            self._monitor = None
+        if self.args.layer_stats != "none":
+            self._monitor = LayerMonitor(layer_map, self.args.layer_stats)
+            self.add_callback(self._monitor)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Trainer's logging, plus the per-depth statistics of this logging step (training logs only)."""
+        if self._monitor is not None and "loss" in logs:
+            logs = {**logs, **self._monitor.pop()}
+        super().log(logs, start_time)
 
 
 def _llrd_args(args: TrainingArguments | None, overrides: dict[str, Any]) -> LLRDTrainingArguments:

