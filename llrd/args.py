@@ -10,6 +10,7 @@ from transformers import TrainingArguments
 
 from .groups import check_layer_decay
 from .guards import check_deepspeed_config, check_fsdp, check_launch_environment
+from .scaling import Scaling
 
 __all__ = ["LLRDTrainingArguments"]
 
@@ -27,7 +28,7 @@ class LLRDTrainingArguments(TrainingArguments):
         0.8
     """
 
-    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["depth_overrides"]
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["depth_overrides", "stack_decay", "lr_multipliers"]
 
     layer_decay: float = field(
         default=1.0,
@@ -62,6 +63,83 @@ class LLRDTrainingArguments(TrainingArguments):
         },
     )
 
+    stack_decay: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON dict {regex: decay}: a different layer_decay for the stacks whose name matches, e.g. "
+            '\'{"encoder": 0.9, "decoder": 0.8}\' (T5/BART/Whisper) or \'{"text": 0.8, "vision": 0.65}\' (CLIP). '
+            "Other stacks use layer_decay. Every regex must match a stack."
+        },
+    )
+    layer_decay_min_scale: float = field(
+        default=0.0, metadata={"help": "Floor on the decayed lr scale (timm min_scale), in [0, 1]. 0: no floor."}
+    )
+    head_lr_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Extra lr factor for the head (everything after the last block), as BEiT-3's "
+            "task_head_lr_weight. 10 trains a new classifier 10x faster than the top block."
+        },
+    )
+    lr_multipliers: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON dict {regex: factor} multiplying the rate of parameters whose clean name contains a "
+            "match, on top of the decay (first match wins), e.g. '{\"lora_\": 4.0}'. Every regex must match."
+        },
+    )
+    freeze_below_scale: float = field(
+        default=0.0,
+        metadata={
+            "help": "Freeze the depths whose decayed lr scale is below this (timm no_opt_scale); depths "
+            "are not shifted. 0: freeze nothing."
+        },
+    )
+    gradual_unfreeze_every: float = field(
+        default=0.0,
+        metadata={
+            "help": "Gradual unfreezing (ULMFiT): start with the top gradual_unfreeze_depths depths "
+            "trainable and unfreeze as many more every N steps or epochs (gradual_unfreeze_unit). 0: off."
+        },
+    )
+    gradual_unfreeze_unit: str = field(
+        default="steps", metadata={"help": "Unit of gradual_unfreeze_every.", "choices": ["steps", "epochs"]}
+    )
+    gradual_unfreeze_depths: int = field(
+        default=1, metadata={"help": "Depths unfrozen per stage (the head counts as one depth)."}
+    )
+    reinit_top_blocks: int = field(
+        default=0,
+        metadata={
+            "help": "Re-initialize the top k blocks of every stack before fine-tuning, with the model's "
+            "own _init_weights (Zhang et al. 2021, Revisiting Few-sample BERT Fine-tuning). 0: off."
+        },
+    )
+    reinit_pooler: bool = field(
+        default=True, metadata={"help": "With reinit_top_blocks > 0, also re-initialize modules named 'pooler'."}
+    )
+    adaptive_lr: bool = field(
+        default=False,
+        metadata={
+            "help": "Layer-specific adaptive rates (Singh et al. 2015, arXiv:1510.04609): each step, "
+            "multiply each depth's scheduled rate by 1 + log(1 + 1/||g_depth||)."
+        },
+    )
+
+    def group_kwargs(self) -> dict:
+        """The ``llrd.param_groups`` keyword arguments these settings mean."""
+        return dict(
+            lr=self.learning_rate,
+            layer_decay=self.layer_decay,
+            weight_decay=self.weight_decay,
+            stack_decay=self.stack_decay,
+            layer_decay_min_scale=self.layer_decay_min_scale,
+            head_lr_scale=self.head_lr_scale,
+            lr_multipliers=self.lr_multipliers,
+            freeze_below_scale=self.freeze_below_scale,
+            per_depth=self.adaptive_lr or self.gradual_unfreeze_every > 0,
+        )
+
     def __post_init__(self):
         self.layer_decay = check_layer_decay(self.layer_decay, "layer_decay")
         if self.layer_stats not in ("none", "lr", "all"):
@@ -71,14 +149,26 @@ class LLRDTrainingArguments(TrainingArguments):
                 re.compile(self.block_pattern)
             except re.error as err:
                 raise ValueError(f"block_pattern={self.block_pattern!r} is not a valid regex: {err}") from err
-        if self.layer_decay != 1.0:
+        if self.layer_decay != 1.0 or self.stack_decay or self.lr_multipliers or self.head_lr_scale != 1.0:
             self._check_distributed_setup()
         super().__post_init__()
-        if self.depth_overrides is not None and not isinstance(self.depth_overrides, dict):
+        for name in ("depth_overrides", "stack_decay", "lr_multipliers"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"{name}={value!r} is not a dict; pass a JSON object such as '{{\"regex\": 0.8}}'.")
+        if self.gradual_unfreeze_every < 0 or self.gradual_unfreeze_depths < 1 or self.reinit_top_blocks < 0:
             raise ValueError(
-                f"depth_overrides={self.depth_overrides!r} is not a dict; pass a JSON object such as "
-                '\'{"classifier\\\\.": "head"}\'.'
+                f"gradual_unfreeze_every={self.gradual_unfreeze_every} must be >= 0, gradual_unfreeze_depths="
+                f"{self.gradual_unfreeze_depths} >= 1 and reinit_top_blocks={self.reinit_top_blocks} >= 0."
             )
+        Scaling(
+            self.layer_decay,
+            self.stack_decay,
+            self.layer_decay_min_scale,
+            self.head_lr_scale,
+            self.lr_multipliers,
+            self.freeze_below_scale,
+        )  # validates the values
 
     def _check_distributed_setup(self) -> None:
         """DeepSpeed optimizer/scheduler sections and FSDP1 flat params would silently drop per-layer rates."""

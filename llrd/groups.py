@@ -9,35 +9,17 @@ depth), ``stack``, ``group_name`` and ``param_names``. Groups are ordered head f
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from torch import nn
 
 from .discovery import BlockSpec, DepthOverrides, LayerMap, layer_ids
+from .scaling import Scaling, check_layer_decay
 
 __all__ = ["param_groups", "check_layer_decay", "default_decay_names", "summarize_groups"]
 
 logger = logging.getLogger(__name__)
-
-
-def check_layer_decay(value: Any, setting: str = "layer_decay") -> float:
-    """Return ``value`` as a float in (0, 1], or raise a ``ValueError`` that names ``setting``.
-
-    Example:
-        >>> check_layer_decay(0.8)
-        0.8
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{setting}={value!r} is not a number; pass a float in (0, 1], e.g. {setting}=0.8.")
-    value = float(value)
-    if not (0.0 < value <= 1.0) or math.isnan(value):
-        raise ValueError(
-            f"{setting}={value!r} is outside (0, 1]. Each block's lr is lr * {setting} ** (depth from the top): "
-            f"use e.g. 0.8 (BERT-base) or 0.65 (ViT-B); 1.0 turns layer-wise decay off."
-        )
-    return value
 
 
 def default_decay_names(model: nn.Module) -> set[str]:
@@ -60,6 +42,12 @@ def param_groups(
     block_pattern: BlockSpec = None,
     depth_overrides: DepthOverrides = None,
     include_frozen: bool = False,
+    per_depth: bool = False,
+    stack_decay: Mapping[str, float] | None = None,
+    layer_decay_min_scale: float = 0.0,
+    head_lr_scale: float = 1.0,
+    lr_multipliers: Mapping[str, float] | None = None,
+    freeze_below_scale: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Build per-layer param groups for any optimizer.
 
@@ -74,6 +62,13 @@ def param_groups(
         block_pattern, depth_overrides: passed to :func:`llrd.layer_ids`.
         include_frozen: also put parameters with ``requires_grad=False`` in the groups (for schedules that
             unfreeze them later). Default: frozen parameters are in no group.
+        per_depth: keep one group per depth even when all scales are equal (default: Trainer's 2 groups then).
+        stack_decay: ``{regex: decay}`` for stacks whose name matches (``{"text": 0.8, "vision": 0.65}``).
+        layer_decay_min_scale: floor on the decayed scale (timm ``min_scale``).
+        head_lr_scale: extra factor for the head depth (BEiT-3 ``task_head_lr_weight``).
+        lr_multipliers: ``{regex: factor}`` on top of the decay; first regex found in the clean name wins.
+        freeze_below_scale: parameters whose decayed scale is below it are left out of every group
+            (timm ``no_opt_scale``); :class:`llrd.LLRDTrainer` also sets ``requires_grad=False`` on them.
 
     Returns:
         A list of dicts for ``torch.optim.Optimizer``: head first, one per (stack, depth, decay) bucket,
@@ -83,9 +78,12 @@ def param_groups(
         >>> groups = param_groups(model, lr=1e-4, layer_decay=0.8, weight_decay=0.01)   # doctest: +SKIP
         >>> opt = torch.optim.AdamW(groups, lr=1e-4)                                    # doctest: +SKIP
     """
-    layer_decay = check_layer_decay(layer_decay)
+    scaling = Scaling(
+        layer_decay, stack_decay, layer_decay_min_scale, head_lr_scale, lr_multipliers, freeze_below_scale
+    )
     if layer_map is None:
         layer_map = layer_ids(model, block_pattern=block_pattern, depth_overrides=depth_overrides)
+    scaling.check(layer_map)
     if decay_names is None:
         decay = default_decay_names(model)
     elif callable(decay_names):
@@ -95,17 +93,17 @@ def param_groups(
     entries = [
         (layer_map.info(raw), param, raw in decay)
         for raw, param in model.named_parameters()
-        if param.requires_grad or include_frozen
+        if (param.requires_grad or include_frozen) and not scaling.frozen(layer_map.info(raw))
     ]
     if not entries:
         raise ValueError(
             f"{type(model).__name__} has no trainable parameter (every parameter has requires_grad=False): "
             "nothing to optimize. Unfreeze some parameters, or pass include_frozen=True to plan groups anyway."
         )
-    if all(info.lr_scale(layer_decay) == 1.0 for info, _, _ in entries):
+    if not per_depth and all(scaling.scale(info) == 1.0 for info, _, _ in entries):
         groups = _trainer_layout(entries, lr, weight_decay)
     else:
-        groups = _depth_layout(entries, lr, layer_decay, weight_decay, list(layer_map.stacks))
+        groups = _depth_layout(entries, lr, scaling, weight_decay, list(layer_map.stacks))
     placed = [id(p) for g in groups for p in g["params"]]
     if len(placed) != len(entries) or len(set(placed)) != len(entries):
         raise AssertionError(f"llrd bug: {len(entries)} parameters to place but {len(placed)} placed in groups")
@@ -125,15 +123,17 @@ def _group(lr: float, weight_decay: float, scale: float, depth: int | None, stac
     }
 
 
-def _depth_layout(entries, lr, layer_decay, weight_decay, stacks) -> list[dict[str, Any]]:
-    """One group per (stack, depth, decay) bucket, head first."""
+def _depth_layout(entries, lr, scaling: Scaling, weight_decay, stacks) -> list[dict[str, Any]]:
+    """One group per (stack, depth, multiplier rule, decay) bucket, head first."""
     buckets: dict[tuple, dict[str, Any]] = {}
     for info, param, decays in entries:
-        key = (info.num_layers + 1 - info.depth, stacks.index(info.stack), not decays)
+        rule, factor = scaling.multiplier(info.name)
+        key = (info.num_layers + 1 - info.depth, stacks.index(info.stack), rule, not decays)
         if key not in buckets:
-            label = f"{info.stack}/{info.role.replace(' ', '_')}/{'decay' if decays else 'no_decay'}"
+            extra = f"/x{factor:g}" if rule >= 0 else ""
+            label = f"{info.stack}/{info.role.replace(' ', '_')}{extra}/{'decay' if decays else 'no_decay'}"
             wd = weight_decay if decays else 0.0
-            buckets[key] = _group(lr, wd, info.lr_scale(layer_decay), info.depth, info.stack, label)
+            buckets[key] = _group(lr, wd, scaling.scale(info), info.depth, info.stack, label)
         buckets[key]["params"].append(param)
         buckets[key]["param_names"].append(info.name)
     return [buckets[k] for k in sorted(buckets)]

@@ -179,12 +179,5 @@ def inspect_model(model: nn.Module, args) -> tuple[list[dict[str, Any]], LayerMa
     from .groups import default_decay_names
 
     layer_map = layer_ids(model, block_pattern=args.block_pattern, depth_overrides=args.depth_overrides)
-    groups = param_groups(
-        model,
-        lr=args.learning_rate,
-        layer_decay=args.layer_decay,
-        weight_decay=args.weight_decay,
-        decay_names=default_decay_names,
-        layer_map=layer_map,
-    )
+    groups = param_groups(model, decay_names=default_decay_names, layer_map=layer_map, **args.group_kwargs())
     return inspect_rows(groups, layer_map), layer_map

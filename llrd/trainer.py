@@ -11,6 +11,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_optimizer import is_optimizer_factory
 
 from .args import LLRDTrainingArguments
+from .controls import AdaptiveLayerLR, GradualUnfreezer, reinit_top_blocks
 from .discovery import layer_ids
 from .groups import param_groups, summarize_groups
 from .loss_scaling import loss_uses_num_items
@@ -44,6 +45,7 @@ class LLRDTrainer(Trainer):
         }
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in llrd_names}
         self._monitor: LayerMonitor | None = None
+        self._llrd_callbacks: list = []
         super().__init__(model, _llrd_args(args, overrides), *rest, **kwargs)
         if self.model is not None and loss_uses_num_items(self.model) is False and self.model_accepts_loss_kwargs:
             # The head averages its own loss; Trainer would otherwise scale it by GA steps x processes.
@@ -66,35 +68,61 @@ class LLRDTrainer(Trainer):
             layer_map = layer_ids(
                 opt_model, block_pattern=self.args.block_pattern, depth_overrides=self.args.depth_overrides
             )
+            if self.args.reinit_top_blocks:
+                reinit_top_blocks(opt_model, self.args.reinit_top_blocks, layer_map, self.args.reinit_pooler)
             groups = param_groups(
-                opt_model,
-                layer_map=layer_map,
-                lr=self.args.learning_rate,
-                layer_decay=self.args.layer_decay,
-                weight_decay=self.args.weight_decay,
-                decay_names=self.get_decay_parameter_names,
+                opt_model, layer_map=layer_map, decay_names=self.get_decay_parameter_names, **self.args.group_kwargs()
             )
+            in_groups = {n for g in groups for n in g["param_names"]}
+            for raw, param in opt_model.named_parameters():  # freeze_below_scale: out of the groups, no grads
+                if param.requires_grad and layer_map.raw_names[raw] not in in_groups:
+                    param.requires_grad_(False)
             kwargs = {**optimizer_kwargs, "lr": self.args.learning_rate}  # defaults["lr"] stays the head lr
             self.optimizer = optimizer_cls(groups, **kwargs)
             _keep_embeddings_32bit(optimizer_cls, kwargs, opt_model)
             logger.info(summarize_groups(groups))
-            self._attach_monitor(layer_map)
-            if self.args.layer_decay == 1.0:
-                logger.warning("layer_decay=1.0: layer-wise decay is off (plain Trainer groups). Set e.g. 0.8.")
+            if self.args.layer_decay == 1.0 and not self.args.stack_decay:
+                logger.warning("layer_decay=1.0: layer-wise decay is off. Set e.g. --layer_decay 0.8.")
+            self._attach_callbacks(layer_map, in_groups)
         return super().create_optimizer(model)  # the optimizer exists: Trainer only applies its wrappers
 
-    def _attach_monitor(self, layer_map) -> None:
+    def _attach_callbacks(self, layer_map, names: set[str]) -> None:
+        """(Re)attach this run's unfreezer, adaptive-rate and monitor callbacks, in that order: each sees the
+        gradients and rates the previous one left."""
+        for callback in self._llrd_callbacks:
+            self.remove_callback(callback)
+        args, several = self.args, len(layer_map.stacks) > 1
+        self._llrd_callbacks = []
+        if args.gradual_unfreeze_every > 0:
+            self._llrd_callbacks.append(
+                GradualUnfreezer(
+                    layer_map,
+                    args.gradual_unfreeze_every,
+                    args.gradual_unfreeze_unit,
+                    args.gradual_unfreeze_depths,
+                    names,
+                    drop_grads=args.world_size > 1,
+                )
+            )
+        if args.adaptive_lr:
+            if args.fp16 and args.max_grad_norm <= 0:
+                raise ValueError(
+                    "adaptive_lr with fp16 needs max_grad_norm > 0: Trainer unscales fp16 gradients only when it "
+                    "clips them, and the adaptive rates need their true norm. Use bf16, or max_grad_norm=1e9."
+                )
+            self._llrd_callbacks.append(AdaptiveLayerLR(several_stacks=several))
+        self._monitor = LayerMonitor(layer_map, args.layer_stats) if args.layer_stats != "none" else None
         if self._monitor is not None:
-            self.remove_callback(self._monitor)
-            self._monitor = None
-        if self.args.layer_stats != "none":
-            self._monitor = LayerMonitor(layer_map, self.args.layer_stats)
-            self.add_callback(self._monitor)
+            self._llrd_callbacks.append(self._monitor)
+        for callback in self._llrd_callbacks:
+            self.add_callback(callback)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Trainer's logging, plus the per-depth statistics of this logging step (training logs only)."""
-        if self._monitor is not None and "loss" in logs:
-            logs = {**logs, **self._monitor.pop()}
+        if "loss" in logs:
+            for callback in self._llrd_callbacks:
+                if hasattr(callback, "pop"):
+                    logs = {**logs, **callback.pop()}
         super().log(logs, start_time)
 
 
