@@ -56,10 +56,20 @@ def reinit_top_blocks(model: nn.Module, k: int, layer_map: LayerMap, pooler: boo
             clean = normalize_name(name)
             if clean in targets:
                 for sub in module.modules():
+                    _forget_initialized(sub)
                     hf._init_weights(sub)
                 done += [f"{clean}.{n}" for n, _ in module.named_parameters()]
     logger.info("re-initialised %d tensors: %s", len(done), sorted(targets))
     return done
+
+
+def _forget_initialized(module: nn.Module) -> None:
+    """transformers 5 marks loaded weights ``_is_hf_initialized`` and its init functions skip them."""
+    for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+        if getattr(tensor, "_is_hf_initialized", False):
+            tensor._is_hf_initialized = False
+    if getattr(module, "_is_hf_initialized", False):
+        module._is_hf_initialized = False
 
 
 def _stats_by_depth(optimizer) -> dict[tuple[str, int], list[dict]]:

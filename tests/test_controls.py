@@ -170,11 +170,13 @@ def test_gradual_unfreezing_resumes_mid_schedule(tmp_path):
 # ---------------------------------------------------------------- 5. re-initialisation
 
 
-def test_reinit_top_block_and_pooler(tmp_out):
+def test_reinit_top_block_and_pooler(tmp_out, tmp_path):
     model = tiny_models.make("bert")
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)  # move every weight away from anything _init_weights would produce
+    model.save_pretrained(tmp_path / "ckpt")  # loaded weights are flagged as initialised by transformers 5
+    model = tf.BertForSequenceClassification.from_pretrained(tmp_path / "ckpt")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = LLRDTrainer(model=model, args=make_args(tmp_out, layer_decay=D, reinit_top_blocks=1))
     trainer.create_optimizer()
