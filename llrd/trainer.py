@@ -15,6 +15,7 @@ from .controls import AdaptiveLayerLR, GradualUnfreezer, reinit_top_blocks
 from .discovery import layer_ids
 from .groups import param_groups, summarize_groups
 from .loss_scaling import loss_uses_num_items
+from .manifest import LAYOUT_FILE, LayoutSaver, check_layout, layout_of, read_layout
 from .monitor import LayerMonitor
 
 __all__ = ["LLRDTrainer"]
@@ -47,6 +48,7 @@ class LLRDTrainer(Trainer):
         self._monitor: LayerMonitor | None = None
         self._llrd_callbacks: list = []
         super().__init__(model, _llrd_args(args, overrides), *rest, **kwargs)
+        self.add_callback(LayoutSaver())
         if self.model is not None and loss_uses_num_items(self.model) is False and self.model_accepts_loss_kwargs:
             # The head averages its own loss; Trainer would otherwise scale it by GA steps x processes.
             self.model_accepts_loss_kwargs = False
@@ -116,6 +118,16 @@ class LLRDTrainer(Trainer):
             self._llrd_callbacks.append(self._monitor)
         for callback in self._llrd_callbacks:
             self.add_callback(callback)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Before Trainer loads optimizer/scheduler state, check the checkpoint's group layout is ours."""
+        if checkpoint is not None and self.optimizer is not None:
+            saved = read_layout(checkpoint)
+            if saved is None:
+                logger.warning("%s has no %s: cannot verify that its param groups match.", checkpoint, LAYOUT_FILE)
+            else:
+                check_layout(saved, layout_of(self.optimizer.param_groups), checkpoint)
+        super()._load_optimizer_and_scheduler(checkpoint)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Trainer's logging, plus the per-depth statistics of this logging step (training logs only)."""

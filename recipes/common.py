@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llrd.manifest import atomic_write_text
+
 logger = logging.getLogger("llrd.recipes")
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 
@@ -28,6 +30,36 @@ def parse(parser):
 def stop(message: str) -> None:
     """End the run with one clear line (exit code 1), no traceback."""
     raise SystemExit(f"error: {message}")
+
+
+def user_errors(main):
+    """Run ``main``; a bad setting or input (ValueError/OSError) ends with one ``error:`` line and exit 1."""
+
+    def run():
+        try:
+            return main()
+        except (ValueError, OSError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            stop(first)
+
+    return run
+
+
+def load_model(auto_cls, path: str, **kwargs):
+    """``auto_cls.from_pretrained`` with errors that say which flag to fix."""
+    if os.path.isdir(path) and not any(
+        f.endswith((".safetensors", ".bin", ".safetensors.index.json")) for f in os.listdir(path)
+    ):
+        stop(f"--model_name_or_path={path!r} has no weights (*.safetensors); pass a complete checkpoint folder.")
+    try:
+        return auto_cls.from_pretrained(path, **kwargs)
+    except RuntimeError as err:
+        if "size mismatch" in str(err) or "mismatch" in str(err).lower():
+            stop(
+                f"the head of {path!r} is configured for a different number of labels than the data has; "
+                "pass --ignore_mismatched_sizes to replace it."
+            )
+        raise
 
 
 def metrics_fn(num_labels: int):
@@ -86,9 +118,7 @@ def _write_groups(trainer, path: Path) -> None:
         }
         for g in trainer.optimizer.param_groups
     ]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(groups, indent=1))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(groups, indent=1))
 
 
 def _write_fingerprint(trainer) -> None:
@@ -106,4 +136,4 @@ def _write_fingerprint(trainer) -> None:
         "weights_sha": weights.hexdigest(),
     }
     path = Path(trainer.args.output_dir) / f"fingerprint_rank{trainer.args.process_index}.json"
-    path.write_text(json.dumps(record))
+    atomic_write_text(path, json.dumps(record))

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from common import finish, metrics_fn, parse, stop  # noqa: E402
+from common import finish, load_model, metrics_fn, parse, stop, user_errors  # noqa: E402
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser  # noqa: E402
 
 from llrd import LLRDTrainer, LLRDTrainingArguments  # noqa: E402
@@ -71,6 +71,7 @@ def load_splits(data: DataArguments):
     stop(f"image folders not found: {missing or 'none given'}; pass --train_dir/--validation_dir/--test_dir.")
 
 
+@user_errors
 def main():
     parser = HfArgumentParser((ModelArguments, DataArguments, LLRDTrainingArguments))
     model_args, data_args, args = parse(parser)
@@ -96,7 +97,8 @@ def main():
         trust_remote_code=model_args.trust_remote_code,
     )
     processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
-    model = AutoModelForImageClassification.from_pretrained(
+    model = load_model(
+        AutoModelForImageClassification,
         path,
         config=config,
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,

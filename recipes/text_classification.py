@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import transformers  # noqa: E402
-from common import finish, metrics_fn, parse, stop  # noqa: E402
+from common import finish, load_model, metrics_fn, parse, stop, user_errors  # noqa: E402
 from transformers import (  # noqa: E402
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -70,7 +70,18 @@ def load_splits(data: DataArguments):
     }
     if files and all(os.path.isfile(f) for f in files.values()):
         extension = os.path.splitext(files["train" if "train" in files else next(iter(files))])[1].lstrip(".")
-        return load_dataset("json" if extension == "jsonl" else extension, data_files=files)
+        if extension not in ("csv", "json", "jsonl"):
+            stop(f"{files} must be .csv or .json/.jsonl files.")
+        for split, path in files.items():
+            with open(path) as f:
+                if sum(1 for line in f if line.strip()) <= (1 if extension == "csv" else 0):
+                    stop(f"{path} has no rows; the {split} split needs data.")
+        try:
+            raw = load_dataset("json" if extension == "jsonl" else extension, data_files=files)
+        except Exception as err:  # noqa: BLE001 - any parse failure of a user file ends here
+            cause = err.__cause__ or err
+            stop(f"cannot read {list(files.values())}: {type(cause).__name__}: {str(cause).splitlines()[0][:200]}")
+        return raw
     missing = [f for f in files.values() if not os.path.isfile(f)]
     if data.dataset_name:
         if missing:
@@ -88,6 +99,7 @@ def load_splits(data: DataArguments):
     )
 
 
+@user_errors
 def main():
     parser = HfArgumentParser((ModelArguments, DataArguments, LLRDTrainingArguments))
     model_args, data_args, args = parse(parser)
@@ -112,15 +124,17 @@ def main():
             stop(f"{split} has labels {sorted(unknown)[:5]} that the training data does not have ({names}).")
 
     path = resolve_checkpoint(model_args.model_name_or_path)
-    config = AutoConfig.from_pretrained(
-        path,
-        num_labels=len(names),
-        id2label=dict(enumerate(names)),
-        label2id=label2id,
-        trust_remote_code=model_args.trust_remote_code,
-    )
+    config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    if has_head and config.num_labels != len(names) and not model_args.ignore_mismatched_sizes:
+        stop(
+            f"{path!r} has a classification head for {config.num_labels} labels but the data has {len(names)} "
+            f"({names[:5]}); pass --ignore_mismatched_sizes to replace the head."
+        )
+    config.id2label, config.label2id = dict(enumerate(names)), label2id  # also sets num_labels
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(
+    model = load_model(
+        AutoModelForSequenceClassification,
         path,
         config=config,
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
