@@ -1,6 +1,6 @@
 """Does LLRD pay off? Few-sample fine-tuning of the real MiniLM-L6 on SST-2, several methods, several seeds.
 
-    python scripts/bench_quality.py                 # full run (about 45-60 min on 2 CPU cores)
+    python scripts/bench_quality.py                 # full run (about 30 min on 2 CPU cores)
     python scripts/bench_quality.py --quick         # smoke version (< 10 min): what the slow test runs
 
 Each method gets the same budget: the same number of tuning trials (one seed each, picked on the validation
@@ -47,15 +47,15 @@ def methods(quick: bool) -> list[Method]:
         Method("Trainer", "plain", [{"learning_rate": lr} for lr in lr_grid]),
         Method("LLRD", "llrd", llrd_grid),
         Method("LLRD + re-init top block", "llrd", llrd_grid, {"reinit_top_blocks": 1}),
-        Method("LLRD + gradual unfreezing", "llrd", llrd_grid, {"gradual_unfreeze_every": 3 if quick else 10}),
+        Method("LLRD + gradual unfreezing", "llrd", llrd_grid, {"gradual_unfreeze_every": 3 if quick else 6}),
         Method("LLRD + adaptive (Singh)", "llrd", llrd_grid, {"adaptive_lr": True}),
     ]
 
 
 def atomic_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    from llrd.manifest import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def load_data(cfg):
@@ -221,7 +221,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="where results go (default scripts/results)")
     cfg = parser.parse_args()
     cfg.train_samples, cfg.val_samples, cfg.steps, cfg.eval_steps, cfg.seeds, cfg.threshold = (
-        (300, 200, 40, 10, 2, 0.75) if cfg.quick else (1000, 500, 150, 15, 5, 0.80)
+        (300, 200, 40, 10, 2, 0.75) if cfg.quick else (1000, 300, 100, 20, 5, 0.80)
     )
     cfg.test = True
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -266,9 +266,9 @@ def main() -> None:
     record["wall_minutes"] = round(minutes, 1)
     atomic_json(cfg.out / f"bench_quality{suffix}.json", record)
     text = markdown(rows, cfg, cfg.threshold, minutes)
-    tmp = cfg.out / f"bench_quality{suffix}.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, cfg.out / f"bench_quality{suffix}.md")
+    from llrd.manifest import atomic_write_text
+
+    atomic_write_text(cfg.out / f"bench_quality{suffix}.md", text)
     plot(final, cfg.out / f"bench_quality{suffix}.png")
     print(text)
 

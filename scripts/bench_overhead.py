@@ -1,0 +1,257 @@
+"""What does LLRD cost? Step time and memory of LLRDTrainer vs plain Trainer, and group-building time.
+
+    python scripts/bench_overhead.py            # about 6 min on 2 CPU cores
+    python scripts/bench_overhead.py --quick    # about 1 min
+
+1. Step time: a MiniLM-sized BERT (6 blocks, hidden 384, random weights), batch 16 x 64 tokens, the same data
+   and seed, for `adamw_torch` and `adamw_torch_fused`. Trainer, LLRDTrainer with per-depth logging off and
+   LLRDTrainer with it on (logging every 10 steps) run interleaved in one process, round after round; each
+   round's median step time is divided by Trainer's in the same round. Reported: median ratio and its range.
+2. Group building (`layer_ids` + `param_groups`) on the meta device for 12 to 192 blocks, and an 80-block,
+   8192-wide Llama.
+3. Peak memory (max RSS) of a short training run in a fresh process, each variant, vs Trainer.
+Results go to scripts/results/bench_overhead.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "scripts" / "results"
+VARIANTS = ("Trainer", "LLRD, logging off", "LLRD, logging on")
+
+
+def model():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+    return tf.BertForSequenceClassification(cfg)
+
+
+def data(n=512, seq=64):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 30000, (n, seq), generator=g)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    return [
+        {"input_ids": ids[i], "attention_mask": torch.ones(seq, dtype=torch.long), "labels": labels[i]}
+        for i in range(n)
+    ]
+
+
+def make_trainer(variant: str, optim: str, steps: int, out: str, callbacks=()):
+    from transformers import Trainer, TrainingArguments
+
+    from llrd import LLRDTrainer, LLRDTrainingArguments
+
+    common = dict(
+        output_dir=out,
+        optim=optim,
+        learning_rate=1e-4,
+        weight_decay=0.01,
+        max_steps=steps,
+        per_device_train_batch_size=16,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    m = model()
+    if variant == "Trainer":
+        m.accepts_loss_kwargs = False  # LLRDTrainer's loss-scaling fix, so both compute the same thing
+        trainer = Trainer(model=m, args=TrainingArguments(**common), train_dataset=data(), callbacks=list(callbacks))
+    else:
+        stats = "all" if variant.endswith("on") else "none"
+        trainer = LLRDTrainer(
+            model=m,
+            args=LLRDTrainingArguments(**common, layer_decay=0.8, layer_stats=stats),
+            train_dataset=data(),
+            callbacks=list(callbacks),
+        )
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.times, self._t = [], 0.0
+
+    def on_step_begin(self, *a, **k):
+        self._t = time.perf_counter()
+
+    def on_step_end(self, *a, **k):
+        self.times.append(time.perf_counter() - self._t)
+
+
+def step_times(rounds: int, steps: int, warmup: int) -> dict:
+    out = {}
+    for optim in ("adamw_torch", "adamw_torch_fused"):
+        ratios = {v: [] for v in VARIANTS[1:]}
+        medians = {v: [] for v in VARIANTS}
+        for r in range(rounds):
+            order = VARIANTS if r % 2 == 0 else tuple(reversed(VARIANTS))  # alternate to cancel drift
+            for variant in order:
+                timer = StepTimer()
+                make_trainer(variant, optim, steps, str(RESULTS / "tmp"), [timer]).train()
+                medians[variant].append(statistics.median(timer.times[warmup:]))
+            for v in VARIANTS[1:]:
+                ratios[v].append(medians[v][-1] / medians["Trainer"][-1])
+            print(
+                f"{optim} round {r}: " + ", ".join(f"{v} {medians[v][-1] * 1e3:.1f} ms" for v in VARIANTS), flush=True
+            )
+        out[optim] = {
+            "median_step_ms": {v: round(statistics.median(medians[v]) * 1e3, 2) for v in VARIANTS},
+            "ratio_median": {v: round(statistics.median(ratios[v]), 4) for v in ratios},
+            "ratio_range": {v: [round(min(ratios[v]), 4), round(max(ratios[v]), 4)] for v in ratios},
+        }
+    return out
+
+
+def group_building() -> dict:
+    import transformers as tf
+
+    from llrd import layer_ids, param_groups
+
+    rows = []
+    configs = [(f"BERT-base width, {n} blocks", tf.BertConfig(num_hidden_layers=n)) for n in (12, 24, 48, 96, 192)]
+    configs.append(
+        (
+            "Llama 80 blocks x 8192",
+            tf.LlamaConfig(
+                num_hidden_layers=80,
+                hidden_size=8192,
+                intermediate_size=28672,
+                num_attention_heads=64,
+                num_key_value_heads=8,
+            ),
+        )
+    )
+    for name, cfg in configs:
+        with torch.device("meta"):
+            m = (
+                tf.AutoModelForSequenceClassification.from_config(cfg)
+                if "BERT" in name
+                else tf.AutoModelForCausalLM.from_config(cfg)
+            )
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            groups = param_groups(m, lr=1e-4, layer_decay=0.9, weight_decay=0.01, layer_map=layer_ids(m))
+            times.append(time.perf_counter() - start)
+        tensors = sum(len(g["params"]) for g in groups)
+        rows.append(
+            {
+                "model": name,
+                "tensors": tensors,
+                "groups": len(groups),
+                "seconds": round(min(times), 4),
+                "us_per_tensor": round(min(times) / tensors * 1e6, 1),
+            }
+        )
+        print(rows[-1], flush=True)
+    return {"rows": rows}
+
+
+MEMORY_CHILD = """
+import resource, sys
+sys.path.insert(0, {scripts!r})
+from bench_overhead import make_trainer
+make_trainer({variant!r}, "adamw_torch", 30, {out!r}).train()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_memory() -> dict:
+    peaks = {}
+    for variant in VARIANTS:
+        code = MEMORY_CHILD.format(scripts=str(ROOT / "scripts"), variant=variant, out=str(RESULTS / "tmp"))
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        if proc.returncode:
+            raise SystemExit(proc.stderr[-2000:])
+        peaks[variant] = int(proc.stdout.strip().splitlines()[-1])  # KiB
+    return {
+        "max_rss_mib": {v: round(k / 1024, 1) for v, k in peaks.items()},
+        "ratio": {v: round(peaks[v] / peaks["Trainer"], 4) for v in VARIANTS[1:]},
+    }
+
+
+def markdown(res: dict, cmd: str) -> str:
+    lines = [
+        f"Command: `{cmd}` (2 CPU cores, fp32).",
+        "",
+        "| optimizer | variant | median step | ratio vs Trainer (median, range over rounds) |",
+        "|---|---|---|---|",
+    ]
+    for optim, r in res["step_time"].items():
+        for v in VARIANTS:
+            ratio = (
+                "1"
+                if v == "Trainer"
+                else (f"{r['ratio_median'][v]:.3f} ({r['ratio_range'][v][0]:.3f}-{r['ratio_range'][v][1]:.3f})")
+            )
+            lines.append(f"| {optim} | {v} | {r['median_step_ms'][v]:.1f} ms | {ratio} |")
+    lines += [
+        "",
+        "| model (meta device) | tensors | groups | layer_ids + param_groups | per tensor |",
+        "|---|---|---|---|---|",
+    ]
+    for row in res["group_building"]["rows"]:
+        lines.append(
+            f"| {row['model']} | {row['tensors']} | {row['groups']} | {row['seconds'] * 1e3:.0f} ms | "
+            f"{row['us_per_tensor']:.0f} µs |"
+        )
+    mem = res["peak_memory"]
+    lines += ["", "| variant | peak RSS | ratio vs Trainer |", "|---|---|---|"]
+    for v in VARIANTS:
+        lines.append(f"| {v} | {mem['max_rss_mib'][v]:.0f} MiB | {mem['ratio'].get(v, 1):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    ns = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    from llrd.manifest import atomic_write_text
+
+    hf_logging.set_verbosity_error()
+    (RESULTS / "tmp").mkdir(parents=True, exist_ok=True)
+    rounds, steps = (2, 15) if ns.quick else (5, 40)
+    res = {
+        "step_time": step_times(rounds, steps, warmup=5),
+        "group_building": group_building(),
+        "peak_memory": peak_memory(),
+    }
+    cmd = "python scripts/bench_overhead.py" + (" --quick" if ns.quick else "")
+    suffix = "_quick" if ns.quick else ""
+    atomic_write_text(RESULTS / f"bench_overhead{suffix}.json", json.dumps(res, indent=1))
+    text = markdown(res, cmd)
+    atomic_write_text(RESULTS / f"bench_overhead{suffix}.md", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

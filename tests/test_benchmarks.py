@@ -1,0 +1,48 @@
+"""The benchmark scripts run end to end (their --quick versions); they are scripts, not timed tests, so
+only their outputs' shape and sanity are checked, never a speed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_recipes import needs_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@needs_data
+def test_bench_quality_quick(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_quality.py", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "bench_quality_quick.json").read_text())
+    methods = [row["method"] for row in record["summary"]]
+    assert methods == [
+        "Trainer",
+        "LLRD",
+        "LLRD + re-init top block",
+        "LLRD + gradual unfreezing",
+        "LLRD + adaptive (Singh)",
+    ]
+    for row in record["summary"]:
+        assert row["seeds"] == 2 and 0.4 < row["test_mean"] <= 1.0
+    # each method had the same budget: as many tuning trials, the same number of steps
+    trials = [sum(1 for t in record["tuning"] if t["method"] == m) for m in methods]
+    assert len(set(trials)) == 1
+    assert (tmp_path / "bench_quality_quick.png").stat().st_size > 10_000
+    assert "| LLRD |" in (tmp_path / "bench_quality_quick.md").read_text()
+    # re-initialisation really changes the run (it was a silent no-op on loaded checkpoints once)
+    final = record["final"]
+    assert final["LLRD"][0]["val_curve"] != final["LLRD + re-init top block"][0]["val_curve"]
