@@ -1,6 +1,6 @@
 """Does LLRD pay off? Few-sample fine-tuning of the real MiniLM-L6 on SST-2, several methods, several seeds.
 
-    python scripts/bench_quality.py                 # full run (about 30 min on 2 CPU cores)
+    python scripts/bench_quality.py                 # full run (about 50-60 min on 2 CPU cores)
     python scripts/bench_quality.py --quick         # smoke version (< 10 min): what the slow test runs
 
 Each method gets the same budget: the same number of tuning trials (one seed each, picked on the validation
