@@ -1,7 +1,7 @@
 """What does LLRD cost? Step time and memory of LLRDTrainer vs plain Trainer, and group-building time.
 
-    python scripts/bench_overhead.py            # about 6 min on 2 CPU cores
-    python scripts/bench_overhead.py --quick    # about 1 min
+    python scripts/bench_overhead.py            # about 8 min on 2 CPU cores
+    python scripts/bench_overhead.py --quick    # about 3 min
 
 1. Step time: a MiniLM-sized BERT (6 blocks, hidden 384, random weights), batch 16 x 64 tokens, the same data
    and seed, for `adamw_torch` and `adamw_torch_fused`. Trainer, LLRDTrainer with per-depth logging off and
@@ -239,7 +239,7 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     (RESULTS / "tmp").mkdir(parents=True, exist_ok=True)
-    rounds, steps = (2, 15) if ns.quick else (5, 40)
+    rounds, steps = (2, 15) if ns.quick else (3, 30)
     res = {
         "step_time": step_times(rounds, steps, warmup=5),
         "group_building": group_building(),

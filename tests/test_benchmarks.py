@@ -23,7 +23,7 @@ def test_bench_quality_quick(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1500,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
