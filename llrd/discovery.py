@@ -234,7 +234,7 @@ def _towers(stack_blocks: dict[str, list[str]]) -> dict[str, str]:
     return towers
 
 
-def _trunk_and_model(root: nn.Module, modules: dict[str, nn.Module]) -> tuple[str, str]:
+def _trunk_and_model(modules: dict[str, nn.Module]) -> tuple[str, str]:
     """Paths of the transformers model inside any wrappers, and of its base model (``model.base_model``)."""
     from transformers import PreTrainedModel
 
@@ -322,7 +322,7 @@ def layer_ids(
         for short, key in zip(_short_names(keys), keys, strict=True)
     }
     stack_blocks = {short: grouped[key] for short, key in zip(stacks, keys, strict=True)}
-    model_path, trunk = _trunk_and_model(model, modules)
+    model_path, trunk = _trunk_and_model(modules)
     tree = _Tree(modules, order, stack_blocks, _towers(stack_blocks), trunk, model_path)
 
     overrides = [(re.compile(rx), d) for rx, d in (depth_overrides or {}).items()]

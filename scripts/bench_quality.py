@@ -68,12 +68,9 @@ def load_data(cfg):
     return [Dataset.from_pandas(df.reset_index(drop=True)) for df in (train, val, test)]
 
 
-class ValCurve:
+def val_curve(log_history) -> list[tuple[int, float]]:
     """Validation accuracy after every `eval_steps` optimizer steps (from Trainer's eval logs)."""
-
-    @staticmethod
-    def extract(log_history):
-        return [(h["step"], h["eval_accuracy"]) for h in log_history if "eval_accuracy" in h]
+    return [(h["step"], h["eval_accuracy"]) for h in log_history if "eval_accuracy" in h]
 
 
 def run_one(method: Method, hp: dict, seed: int, cfg, data, tokenizer, model_dir) -> dict:
@@ -125,7 +122,7 @@ def run_one(method: Method, hp: dict, seed: int, cfg, data, tokenizer, model_dir
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    curve = ValCurve.extract(trainer.state.log_history)
+    curve = val_curve(trainer.state.log_history)
     result = {
         "method": method.name,
         "hp": hp,

@@ -197,6 +197,7 @@ class GradTap(TrainerCallback):
 
     def __init__(self, model):
         self.model, self.grads, self.lrs = model, [], []
+        self.initial = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     def on_pre_optimizer_step(self, args, state, control, **kw):
         self.grads.append({n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None})
@@ -208,19 +209,17 @@ class GradTap(TrainerCallback):
 def _adaptive(tmp_out, batch, accumulation, **kw):
     model = no_dropout_bert()
     tap = GradTap(model)
+    settings = dict(max_steps=2, lr_scheduler_type="linear", logging_steps=1) | kw
     a = make_args(
         tmp_out,
         layer_decay=D,
         optim="sgd",
         learning_rate=0.1,
-        max_steps=2,
         max_grad_norm=0.0,
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=accumulation,
         adaptive_lr=True,
-        lr_scheduler_type="linear",
-        logging_steps=1,
-        **kw,
+        **settings,
     )
     trainer = LLRDTrainer(model=model, args=a, train_dataset=text_data(8), callbacks=[tap])
     trainer.train()
@@ -247,22 +246,8 @@ def test_adaptive_rates_exact_update_and_scheduler_untouched(tmp_out):
 
 
 def test_adaptive_sgd_update_is_rate_times_factor_times_grad(tmp_out):
-    model = no_dropout_bert()
-    tap = GradTap(model)
-    a = make_args(
-        tmp_out,
-        layer_decay=D,
-        optim="sgd",
-        learning_rate=0.1,
-        max_steps=1,
-        max_grad_norm=0.0,
-        per_device_train_batch_size=8,
-        adaptive_lr=True,
-        lr_scheduler_type="constant",
-    )
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = LLRDTrainer(model=model, args=a, train_dataset=text_data(8), callbacks=[tap])
-    trainer.train()
+    trainer, model, tap = _adaptive(tmp_out, 8, 1, max_steps=1, lr_scheduler_type="constant")
+    before = tap.initial
     log = next(h for h in trainer.state.log_history if "loss" in h)
     lm = layer_ids(model)
     for name, p in model.named_parameters():
