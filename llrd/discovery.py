@@ -183,12 +183,20 @@ def _inside(path: str, ancestor: str) -> bool:
     return ancestor == "" or path == ancestor or path.startswith(ancestor + ".")
 
 
+def _proper_ancestors(path: str) -> list[str]:
+    return _ancestors(path)[1:]
+
+
 def _innermost(paths: list[str]) -> list[str]:
-    return [p for p in paths if not any(q != p and _inside(q, p) for q in paths)]
+    """The paths that contain no other path of the list (linear in the list, not quadratic)."""
+    enclosing = {a for q in paths for a in _proper_ancestors(q)}
+    return [p for p in paths if p not in enclosing]
 
 
 def _outermost(paths: list[str]) -> list[str]:
-    return [p for p in paths if not any(q != p and _inside(p, q) for q in paths)]
+    """The paths that lie inside no other path of the list."""
+    members = set(paths)
+    return [p for p in paths if not any(a in members for a in _proper_ancestors(p))]
 
 
 def _group_stacks(blocks: list[str], modules: dict[str, nn.Module]) -> dict[str, list[str]]:
@@ -362,13 +370,17 @@ class _Tree:
     trunk: str  # the base model (`model.base_model`)
     model_path: str  # the transformers model inside any wrapper
 
+    def __post_init__(self) -> None:
+        # block path -> (stack, 1-based depth): blocks never nest, so a parameter's path has at most one of them
+        self.block_depth = {b: (s, i + 1) for s, blocks in self.stack_blocks.items() for i, b in enumerate(blocks)}
+
     def locate(self, raw: str, owner: str) -> tuple[str, int]:
         """(stack, depth) of one parameter; see the module docstring for the rules."""
-        # 1. inside a block
-        for stack, blocks in self.stack_blocks.items():
-            for i, block in enumerate(blocks):
-                if _inside(raw, block):
-                    return stack, 0 if _SHARED_IN_BLOCK.search(raw) else i + 1
+        # 1. inside a block (a lookup per path prefix, so the cost does not grow with the number of blocks)
+        for anc in _ancestors(owner):
+            if anc in self.block_depth:
+                stack, depth = self.block_depth[anc]
+                return stack, 0 if _SHARED_IN_BLOCK.search(raw) else depth
         stack = self.stack_of(raw, owner)
         blocks = self.stack_blocks[stack]
         # 2. task heads outside the base model (XLM-R registers its classifier before the encoder)
