@@ -46,3 +46,27 @@ def test_bench_quality_quick(tmp_path):
     # re-initialisation really changes the run (it was a silent no-op on loaded checkpoints once)
     final = record["final"]
     assert final["LLRD"][0]["val_curve"] != final["LLRD + re-init top block"][0]["val_curve"]
+
+
+@pytest.mark.slow
+def test_bench_overhead_quick(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_overhead.py", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "bench_overhead_quick.json").read_text())
+    for optim in ("adamw_torch", "adamw_torch_fused"):
+        assert len(res["step_time"][optim]["ratios_per_round"]["LLRD, logging on"]) == 2
+    rows = res["group_building"]["rows"]
+    assert [r["tensors"] for r in rows[:5]] == sorted(r["tensors"] for r in rows[:5])
+    assert rows[-1]["model"].startswith("Llama") and rows[-1]["groups"] > 80
+    # With a fixed mmap threshold the peak measures live memory, which LLRD must not grow: the same tensors,
+    # gradients and optimizer state as Trainer (the per-depth monitor's copy of the weights is the one cost).
+    live = res["peak_memory"]["MALLOC_MMAP_THRESHOLD_=65536"]["ratio"]
+    assert live["LLRD, logging off"] <= 1.01, live
+    assert "| adamw_torch_fused | LLRD, logging on |" in (tmp_path / "bench_overhead_quick.md").read_text()
