@@ -1,6 +1,6 @@
 """What does LLRD cost? Step time and memory of LLRDTrainer vs plain Trainer, and group-building time.
 
-    python scripts/bench_overhead.py            # about 13 min on 2 CPU cores
+    python scripts/bench_overhead.py            # about 14 min on 2 CPU cores (Linux: reads /proc)
     python scripts/bench_overhead.py --quick    # about 3 min
 
 1. Step time: a MiniLM-sized BERT (6 blocks, hidden 384, random weights), batch 16 x 64 tokens, the same data

@@ -15,18 +15,23 @@ from test_recipes import needs_data
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-@needs_data
-def test_bench_quality_quick(tmp_path):
+def run_script(script: str, out: Path, timeout: int) -> None:
+    """Run ``scripts/<script> --quick --out <out>`` offline; fail with its stderr."""
     proc = subprocess.run(
-        [sys.executable, "scripts/bench_quality.py", "--quick", "--out", str(tmp_path)],
+        [sys.executable, f"scripts/{script}", "--quick", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=1500,
+        timeout=timeout,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+@needs_data
+def test_bench_quality_quick(tmp_path):
+    run_script("bench_quality.py", tmp_path, timeout=1500)
     record = json.loads((tmp_path / "bench_quality_quick.json").read_text())
     methods = [row["method"] for row in record["summary"]]
     assert methods == [
@@ -50,15 +55,7 @@ def test_bench_quality_quick(tmp_path):
 
 @pytest.mark.slow
 def test_bench_overhead_quick(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "scripts/bench_overhead.py", "--quick", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script("bench_overhead.py", tmp_path, timeout=1200)
     res = json.loads((tmp_path / "bench_overhead_quick.json").read_text())
     for optim in ("adamw_torch", "adamw_torch_fused"):
         assert len(res["step_time"][optim]["ratios_per_round"]["LLRD, logging on"]) == 2
