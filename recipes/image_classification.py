@@ -30,7 +30,7 @@ from common import (  # noqa: E402
     stop,
     user_errors,
 )
-from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser  # noqa: E402
+from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser, set_seed  # noqa: E402
 
 from llrd import LLRDTrainer, LLRDTrainingArguments  # noqa: E402
 from llrd.inspect import resolve_checkpoint  # noqa: E402
@@ -76,6 +76,7 @@ def main():
     parser = HfArgumentParser((ModelArguments, DataArguments, LLRDTrainingArguments))
     model_args, data_args, args = parse(parser)
     setup_logging(args)
+    set_seed(args.seed)  # before the model is built: the new head's initialisation depends on it
 
     raw = load_splits(data_args)
     if "train" not in raw:

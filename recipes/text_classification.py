@@ -34,6 +34,7 @@ from transformers import (  # noqa: E402
     AutoTokenizer,
     DataCollatorWithPadding,
     HfArgumentParser,
+    set_seed,
 )
 
 from llrd import LLRDTrainer, LLRDTrainingArguments  # noqa: E402
@@ -101,6 +102,7 @@ def main():
     parser = HfArgumentParser((ModelArguments, DataArguments, LLRDTrainingArguments))
     model_args, data_args, args = parse(parser)
     setup_logging(args)
+    set_seed(args.seed)  # before the model is built: the new head's initialisation depends on it
 
     raw = load_splits(data_args)
     if "train" not in raw:
