@@ -10,6 +10,7 @@ from transformers import TrainingArguments
 
 from .groups import check_layer_decay
 from .guards import check_deepspeed_config, check_fsdp, check_launch_environment
+from .monitor import LAYER_STATS_CHOICES
 from .scaling import Scaling
 
 __all__ = ["LLRDTrainingArguments"]
@@ -55,11 +56,13 @@ class LLRDTrainingArguments(TrainingArguments):
     )
 
     layer_stats: str = field(
-        default="all",
+        default="grad_norm",
         metadata={
-            "help": "Per-depth logging on every logging step: 'all' (learning rate, gradient norm and "
-            "update-to-weight ratio), 'lr' (learning rates only) or 'none'.",
-            "choices": ["none", "lr", "all"],
+            "help": "Per-depth logging on the steps Trainer logs: 'lr' (learning rates), 'grad_norm' (default: "
+            "plus gradient norms; nothing is copied), 'all' (plus the update-to-weight ratio; holds a copy of "
+            "every trainable tensor during each logged optimizer step, as much memory as the trainable "
+            "weights) or 'none'.",
+            "choices": list(LAYER_STATS_CHOICES),
         },
     )
 
@@ -142,8 +145,8 @@ class LLRDTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         self.layer_decay = check_layer_decay(self.layer_decay, "layer_decay")
-        if self.layer_stats not in ("none", "lr", "all"):
-            raise ValueError(f"layer_stats={self.layer_stats!r}: use 'none', 'lr' or 'all'.")
+        if self.layer_stats not in LAYER_STATS_CHOICES:
+            raise ValueError(f"layer_stats={self.layer_stats!r}: use one of {', '.join(LAYER_STATS_CHOICES)}.")
         if self.block_pattern is not None:
             try:
                 re.compile(self.block_pattern)

@@ -1,41 +1,84 @@
-"""Per-depth training signals: learning rate, gradient norm and update-to-weight ratio.
+"""Per-depth training signals: learning rate, gradient norm and (opt-in) update-to-weight ratio.
 
-``LayerMonitor`` is a ``TrainerCallback``. On the optimizer steps that Trainer will log (every
-``logging_steps``), it reads each depth's learning rate and gradient norm just before ``optimizer.step()``
-and the relative size of the update just after; ``LLRDTrainer.log`` adds them to Trainer's normal logs,
-so they reach TensorBoard, W&B, MLflow, ... through ``report_to``. Other steps cost nothing.
+``LayerMonitor`` is a ``TrainerCallback``. On the optimizer steps after which Trainer logs the training loss
+(its own decision: ``logging_strategy``, ``logging_steps``, ``logging_first_step``), it reads each depth's
+learning rate and gradient norm just before ``optimizer.step()``; ``LLRDTrainer.log`` adds them to Trainer's
+normal logs, so they reach TensorBoard, W&B, MLflow, ... through ``report_to``. Other steps cost nothing.
 
-Keys: ``lr/<depth>``, ``grad_norm/<depth>`` and ``update_ratio/<depth>`` where ``<depth>`` is
-``depth_03`` (``encoder/depth_03`` when the model has several stacks).
+Levels (``layer_stats``), each including the one before:
+
+* ``"lr"``: ``lr/<depth>``, read from the optimizer's groups; no tensor is touched.
+* ``"grad_norm"`` (default): plus ``grad_norm/<depth>``, one fused norm over the gradients that exist
+  anyway; nothing is copied.
+* ``"all"``: plus ``update_ratio/<depth>`` (‖Δw‖/‖w‖ of the step). It needs the weights before the step,
+  so on logged steps it holds **a copy of every trainable tensor** during the optimizer step: as much extra
+  memory as the trainable weights (28 GB for a 7B model trained in full fp32). Opt-in for that reason.
+
+``<depth>`` is ``depth_03`` (``encoder/depth_03`` when the model has several stacks).
 """
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerControl
+from transformers.trainer_callback import DefaultFlowCallback
+from transformers.trainer_utils import IntervalStrategy
 
 from .discovery import LayerMap
 
-__all__ = ["LayerMonitor", "LAYER_STATS_CHOICES"]
+__all__ = ["LayerMonitor", "LAYER_STATS_CHOICES", "logs_after_this_step"]
 
-LAYER_STATS_CHOICES = ("none", "lr", "all")
+#: Per-depth logging levels, each including the previous one (see the module docstring).
+LAYER_STATS_CHOICES = ("none", "lr", "grad_norm", "all")
+
+
+def logs_after_this_step(args, state, steps_per_epoch: int | None) -> bool:
+    """Whether Trainer logs the training loss right after the optimizer step about to be taken.
+
+    Asks Trainer's own flow callback (``logging_steps``, ``logging_first_step``) about the next step, and
+    adds ``logging_strategy="epoch"``: the last step of an epoch, or of training.
+
+    Example:
+        >>> logs_after_this_step(args, state, steps_per_epoch=50)   # doctest: +SKIP
+        True
+    """
+    upcoming = copy.copy(state)
+    upcoming.global_step = state.global_step + 1
+    control = TrainerControl()
+    DefaultFlowCallback().on_step_end(args, upcoming, control)
+    if control.should_log:
+        return True
+    if args.logging_strategy == IntervalStrategy.EPOCH:
+        at_end = bool(state.max_steps) and upcoming.global_step >= state.max_steps
+        return at_end or bool(steps_per_epoch) and upcoming.global_step % steps_per_epoch == 0
+    return False
+
+
+def steps_per_epoch(args, train_dataloader) -> int | None:
+    """Optimizer steps per epoch, as Trainer counts them; ``None`` for a dataloader without a length."""
+    try:
+        batches = len(train_dataloader)
+    except TypeError:
+        return None
+    accumulation = args.gradient_accumulation_steps
+    return max(batches // accumulation + int(batches % accumulation > 0), 1)
 
 
 class LayerMonitor(TrainerCallback):
-    """Collects per-depth statistics on logging steps.
+    """Collects per-depth statistics on the steps Trainer logs.
 
     Args:
         layer_map: depths of the model's parameters (clean names).
-        level: ``"lr"`` (learning rates only) or ``"all"`` (plus gradient norms and update ratios; the
-            update ratio keeps a copy of the trainable weights during the logged optimizer step).
+        level: ``"lr"``, ``"grad_norm"`` or ``"all"`` (see the module docstring for what each costs).
 
     Example:
-        >>> monitor = LayerMonitor(layer_ids(model), "all")   # doctest: +SKIP
+        >>> monitor = LayerMonitor(layer_ids(model), "grad_norm")   # doctest: +SKIP
     """
 
-    def __init__(self, layer_map: LayerMap, level: str = "all"):
+    def __init__(self, layer_map: LayerMap, level: str = "grad_norm"):
         if level not in LAYER_STATS_CHOICES[1:]:
             raise ValueError(f"layer_stats={level!r}: use one of {LAYER_STATS_CHOICES}.")
         self.level = level
@@ -45,6 +88,7 @@ class LayerMonitor(TrainerCallback):
             for name, info in layer_map.params.items()
         }
         self.optimizer = None
+        self.steps_per_epoch: int | None = None
         self.pending: dict[str, float] = {}
         self._before: dict[str, list[torch.Tensor]] | None = None
 
@@ -57,27 +101,24 @@ class LayerMonitor(TrainerCallback):
                 bucket[1].append(param)
         return {k: (v[0], v[1]) for k, v in sorted(buckets.items())}
 
-    def _logs_this_step(self, state) -> bool:
-        step = state.global_step + 1  # the step being taken
-        every = state.logging_steps or 0
-        return bool(every) and step % every == 0
-
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+    def on_train_begin(self, args, state, control, optimizer=None, train_dataloader=None, **kwargs):
         self.optimizer = optimizer
+        self.steps_per_epoch = steps_per_epoch(args, train_dataloader) if train_dataloader is not None else None
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.optimizer is None or not self._logs_this_step(state):
+        if self.optimizer is None or not logs_after_this_step(args, state, self.steps_per_epoch):
             return
         stats: dict[str, float] = {}
         self._before = {} if self.level == "all" else None
         for key, (lr, params) in self._buckets().items():
             stats[f"lr/{key}"] = float(lr)
-            if self.level != "all":
+            if self.level == "lr":
                 continue
             grads = [p.grad for p in params if p.grad is not None]
             if grads:
                 stats[f"grad_norm/{key}"] = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
-            self._before[key] = [p.detach().clone() for p in params]
+            if self._before is not None:
+                self._before[key] = [p.detach().clone() for p in params]
         self.pending = stats
 
     def on_optimizer_step(self, args, state, control, **kwargs):

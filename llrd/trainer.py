@@ -85,6 +85,7 @@ class LLRDTrainer(Trainer):
             logger.info(summarize_groups(groups))
             if self.args.layer_decay == 1.0 and not self.args.stack_decay:
                 logger.warning("layer_decay=1.0: layer-wise decay is off. Set e.g. --layer_decay 0.8.")
+            self._llrd_layer_map = layer_map
             self._attach_callbacks(layer_map, in_groups)
         return super().create_optimizer(model)  # the optimizer exists: Trainer only applies its wrappers
 

@@ -2,7 +2,8 @@
 
     python scripts/plot_training.py runs/minilm_sst2/trainer_state.json training.png
 
-Needs a run of LLRDTrainer with layer_stats='all' (the default) or 'lr' (then only the lr panel has lines).
+Needs a run of LLRDTrainer with layer_stats='grad_norm' (the default) or 'all'; with 'lr' only the lr panel
+has lines.
 """
 
 from __future__ import annotations

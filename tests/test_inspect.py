@@ -1,8 +1,7 @@
-"""`llrd inspect`, per-depth training logs (TensorBoard) and the training plot."""
+"""`llrd inspect`: table, JSON, plot and errors of the command line."""
 
 from __future__ import annotations
 
-import glob
 import json
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 import tiny_models
 from PIL import Image
 
-from llrd import LLRDTrainer, param_groups
+from llrd import param_groups
 from llrd.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,56 +130,3 @@ def test_model_with_no_blocks_exits_2(tmp_path):
     # a config whose model has no repeated blocks: a 0-layer BERT
     proc = cli("inspect", "bert", "--config", "num_hidden_layers=0")
     assert proc.returncode == 2 and "no transformer blocks found" in proc.stderr
-
-
-def _train(tmp_path, **kw):
-    from test_trainer import args, text_data
-
-    trainer = LLRDTrainer(
-        model=tiny_models.make("bert"),
-        train_dataset=text_data(16),
-        args=args(str(tmp_path / "out"), layer_decay=0.5, max_steps=4, logging_steps=2, **kw),
-    )
-    trainer.train()
-    return trainer, [h for h in trainer.state.log_history if "loss" in h]
-
-
-def test_per_depth_logs_reach_tensorboard(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    trainer, logs = _train(tmp_path, report_to="tensorboard", lr_scheduler_type="constant")
-    assert [h["step"] for h in logs] == [2, 4]
-    for h in logs:
-        assert [h[f"lr/depth_{d:02d}"] for d in range(4)] == [1e-3 * 0.5 ** (3 - d) for d in range(4)]
-        assert all(h[f"grad_norm/depth_{d:02d}"] > 0 for d in range(4))
-        assert all(0 < h[f"update_ratio/depth_{d:02d}"] < 1 for d in range(4))
-    events = glob.glob(str(tmp_path / "out" / "**" / "events.out.tfevents.*"), recursive=True)
-    assert events
-    acc = EventAccumulator(str(Path(events[0]).parent))
-    acc.Reload()
-    tags = acc.Tags()["scalars"]
-    assert {"train/lr/depth_00", "train/grad_norm/depth_03", "train/update_ratio/depth_01"} <= set(tags)
-    assert [e.value for e in acc.Scalars("train/lr/depth_00")] == pytest.approx([1.25e-4, 1.25e-4])
-
-
-def test_layer_stats_can_be_reduced_or_turned_off(tmp_path):
-    _, logs = _train(tmp_path, layer_stats="lr")
-    assert any(k.startswith("lr/") for k in logs[0]) and not any(k.startswith("grad_norm/") for k in logs[0])
-    _, logs = _train(tmp_path, layer_stats="none")
-    assert not any("/" in k for k in logs[0])
-
-
-def test_plot_training_script(tmp_path):
-    trainer, _ = _train(tmp_path)
-    trainer.save_state()
-    png = tmp_path / "training.png"
-    proc = subprocess.run(
-        [sys.executable, "scripts/plot_training.py", str(tmp_path / "out" / "trainer_state.json"), str(png)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    with Image.open(png) as img:
-        img.verify()
