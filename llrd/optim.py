@@ -64,7 +64,7 @@ def apply_rate_mapping(
     raw_of = {clean: raw for raw, clean in layer_map.raw_names.items()}
     rules = [(re.compile(rx), float(rate), rx) for rx, rate in mapping.items()]
     used: set[str] = set()
-    moved: dict[tuple[str, bool], dict[str, Any]] = {}
+    moved: dict[tuple[str, bool], dict[str, Any]] = {}  # (regex, decays) -> its group
     kept = []
     for group in groups:
         stay_params, stay_names = [], []
@@ -97,7 +97,7 @@ def apply_rate_mapping(
             f"learning_rate_mapping pattern(s) {unused} match no trainable parameter; list the names with "
             "`[n for n, _ in trainer.loss.named_parameters()]` (sentence-transformers searches the loss module)."
         )
-    return list(moved.values()) + kept
+    return kept + list(moved.values())  # the head's group stays first: Trainer logs group 0's rate
 
 
 def create_optimizer(
