@@ -2,7 +2,7 @@
 
     python tests/resume_job.py OUT MODE [--kill_at N] [--resume] [--layer_decay D] [--layers L]
 
-MODE: plain | unfreeze | adaptive. Writes OUT/final.safetensors and OUT/final_lrs.json at the end.
+MODE: plain | unfreeze | adaptive | reinit (re-initialise the top block when training starts, never on resume). Writes OUT/final.safetensors and OUT/final_lrs.json at the end.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class KillAt(TrainerCallback):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("out")
-    p.add_argument("mode", choices=["plain", "unfreeze", "adaptive"])
+    p.add_argument("mode", choices=["plain", "unfreeze", "adaptive", "reinit"])
     p.add_argument("--kill_at", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--layer_decay", type=float, default=0.5)
@@ -47,7 +47,12 @@ def main():
     torch.manual_seed(0)
     cfg = tf.BertConfig(num_hidden_layers=ns.layers, hidden_dropout_prob=0.1, **TEXT)  # dropout on: RNG must resume
     model = tf.BertForSequenceClassification(cfg)
-    extra = {"plain": {}, "unfreeze": {"gradual_unfreeze_every": 2}, "adaptive": {"adaptive_lr": True}}[ns.mode]
+    extra = {
+        "plain": {},
+        "unfreeze": {"gradual_unfreeze_every": 2},
+        "adaptive": {"adaptive_lr": True},
+        "reinit": {"reinit_top_blocks": 1},
+    }[ns.mode]
     args = LLRDTrainingArguments(
         output_dir=ns.out,
         layer_decay=ns.layer_decay,
