@@ -211,6 +211,7 @@ class ZeroStepContext(StepContext):
     def new_step(self, state) -> None:
         super().new_step(state)
         self._pre_clip = None
+        self.skip_groups = set()
 
     def pre_clip_group_sq(self) -> list[float]:
         """Per optimizer group: squared gradient norm before clipping, unscaled, over all ranks."""
@@ -231,7 +232,8 @@ class ZeroStepContext(StepContext):
         factor = 1.0 / max(1.0, (total + 1e-6) / clip) if clip > 0 else 1.0
         out: dict[str, float] = defaultdict(float)
         for i, sq in enumerate(per_group):
-            out[self.group_key(self.groups[i])] += sq * factor * factor
+            if i not in self.skip_groups:  # frozen: no gradient, as under DDP
+                out[self.group_key(self.groups[i])] += sq * factor * factor
         return dict(out)
 
     def drop_grads(self, group_indices: set[int]) -> None:

@@ -106,16 +106,22 @@ class RateCheck(TrainerCallback):
                 f"LLRD built {len(expected)} param groups but the optimizer that steps ({type(inner).__name__} under "
                 f"{engine}) has {len(groups)}: groups were merged or dropped on the way. " + self._engine_hint()
             )
-        bases = [rate / g["lr_scale"] for g, rate in zip(groups, rates, strict=True)]
-        reference = max(bases, key=abs)
-        off = [i for i, b in enumerate(bases) if abs(b - reference) > 1e-6 * abs(reference)]
+        scales = [g["lr_scale"] for g in groups]
+        head = max(range(len(groups)), key=lambda i: scales[i])
+        expected = [rates[head] * s / scales[head] for s in scales]
+        off = [i for i, (r, e) in enumerate(zip(rates, expected, strict=True)) if abs(r - e) > 1e-6 * abs(e) + 1e-15]
         if off:
-            i = off[0]
+            if len(set(rates)) == 1:
+                what = f"all {len(groups)} groups stepped at the same lr {rates[0]:.4g}"
+            else:
+                i = off[0]
+                what = (
+                    f"group {i} ({groups[i].get('group_name')}) stepped at lr {rates[i]:.4g} instead of "
+                    f"{expected[i]:.4g} ({len(off)} of {len(groups)} groups are off)"
+                )
             raise RatesCollapsed(
-                f"after step {state.global_step} the per-layer rates are gone: group {i} "
-                f"({groups[i].get('group_name')}) stepped at lr {rates[i]:.4g} but LLRD built it at "
-                f"{groups[i]['lr_scale']:.4g} x the head's rate (head stepped at {reference:.4g}); "
-                f"{len(off)} of {len(groups)} groups are off. Cause: {self._collapse_cause(rates)}"
+                f"after step {state.global_step} the per-layer rates are gone: {what}, though LLRD built them at "
+                f"{min(scales):.4g}x..{max(scales):.4g}x the head's rate. Cause: {self._collapse_cause(rates)}"
             )
         low, high = min(rates), max(rates)
         logger.info(
@@ -148,10 +154,15 @@ class RateCheck(TrainerCallback):
                 "the DeepSpeed config has an 'optimizer' section, so DeepSpeed built its own optimizer over one flat "
                 "group. Remove the section: LLRD then builds the optimizer from args.optim"
             )
+        elif inner is innermost_optimizer(getattr(self.trainer, "_llrd_given_optimizer", None)):
+            cause = (
+                "it was passed through optimizers=(...). Build it with llrd.create_optimizer(model, ...) or let the "
+                "trainer build it"
+            )
         elif getattr(self.trainer, "_llrd_built_optimizer", None) is None:
             cause = (
-                "an optimizer was passed through optimizers=(...) or built before LLRD's create_optimizer ran (e.g. "
-                "eagerly by a Trainer subclass). Let the trainer build it, or build it with llrd.create_optimizer"
+                "it was built before LLRD's create_optimizer ran (e.g. eagerly by the trainer class, or by an "
+                "optimizer factory). Let create_optimizer build it, or build it with llrd.create_optimizer"
             )
         else:
             cause = "something replaced LLRD's optimizer after it was built"

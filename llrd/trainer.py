@@ -71,6 +71,7 @@ class LLRDMixin:
         self.llrd_layout: list[dict[str, Any]] | None = None
         self._llrd_map_cache: tuple[nn.Module, LayerMap] | None = None
         self._llrd_built_optimizer: torch.optim.Optimizer | None = None
+        self._llrd_given_optimizer = (kwargs.get("optimizers") or (None, None))[0]  # for the launch check
         self._llrd_driver: StepDriver | None = None
         self._llrd_adaptive: AdaptiveLayerLR | None = None
         self._llrd_resuming = False

@@ -27,6 +27,22 @@ class ModelArguments:
     ignore_mismatched_sizes: bool = field(
         default=False, metadata={"help": "Replace a fine-tuned head whose number of classes differs from the data's."}
     )
+    fsdp_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Shard the model with FSDP2 over this many processes when loading it (transformers' "
+            "DistributedConfig); Trainer then trains the DTensor model as it is. The FSDP2 route that also runs on "
+            "CPU (gloo), where accelerate's FSDP plugin is ignored. Launch with torchrun or cpu_2proc.yaml."
+        },
+    )
+
+    def distributed_config(self):
+        """``from_pretrained``'s ``distributed_config`` for ``--fsdp_size``, else ``None``."""
+        if not self.fsdp_size:
+            return None
+        from transformers import DistributedConfig
+
+        return DistributedConfig(fsdp_size=self.fsdp_size)
 
 
 def setup_logging(args) -> None:
@@ -166,6 +182,7 @@ def _write_fingerprint(trainer) -> None:
     model = trainer.accelerator.unwrap_model(trainer.model)
     weights = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
+        p = p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2 DTensor shard -> the whole tensor
         weights.update(name.encode())
         weights.update(p.detach().cpu().contiguous().float().numpy().tobytes())
     layout = [(g["group_name"], g["initial_lr"], g["param_names"]) for g in trainer.optimizer.param_groups]
