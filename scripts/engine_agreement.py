@@ -6,8 +6,9 @@ Runs the text recipe 4 steps on a tiny BERT (2 blocks, the MiniLM tokenizer, 64 
 engine, three times: with the default settings (layer_decay 0.5); with every control on (update ratios,
 adaptive rates, gradual unfreezing, clipping at 0.1, weight decay); and with the model changes made when
 training starts (re-initialising the top block, freezing depths below scale 0.2; FSDP2 refuses the re-init).
-Writes ``OUT/engine_agreement.json``: per engine and setting the largest weight difference to DDP, the largest
-relative difference of a per-depth statistic, whether the per-group rates are identical, and the wall time.
+Writes ``OUT/engine_agreement.json`` (and the README table, ``.md``): per engine and setting the largest weight
+difference to DDP, the largest relative difference of a per-depth statistic, whether the per-group rates are
+identical, and the wall time.
 ``tests/test_engines.py`` runs the same functions.
 
 DeepSpeed goes through ``accelerate launch`` with ``recipes/accelerate/deepspeed_zero{2,3}_cpu.yaml``; FSDP2
@@ -162,15 +163,42 @@ def compare(reference: Path, other: Path) -> dict:
     }
 
 
+def markdown(report: dict) -> str:
+    """The README table of a report."""
+    rows = [
+        "| setting | engine | per-group rates and log keys as DDP | largest weight difference to DDP "
+        "| largest relative difference of a per-depth statistic | wall time (2 ranks) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, run in report["runs"].items():
+        setting, engine = name.split("/")
+        if engine == "ddp":
+            rows.append(f"| {setting} | DDP | (reference) | — | — | {run['wall_s']:.0f} s |")
+            continue
+        same = all(run[k] for k in ("same_groups", "same_log_keys", "same_steps", "same_weight_names"))
+        rows.append(
+            f"| {setting} | {LABELS[engine]} | {'yes' if same else 'NO'} | {run['max_weight_abs_diff']:.1e} "
+            f"| {run['max_stat_rel_diff']:.1e} | {run['wall_s']:.0f} s |"
+        )
+    return "\n".join(rows) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "scripts" / "results"))
     p.add_argument("--workdir", default=None, help="keep the runs here (default: a temporary folder)")
+    p.add_argument("--table", action="store_true", help="only rewrite the .md table from OUT/engine_agreement.json")
     ns = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import tempfile
 
     from llrd.manifest import atomic_write_text
+
+    out = Path(ns.out)
+    if ns.table:
+        report = json.loads((out / "engine_agreement.json").read_text())
+        atomic_write_text(out / "engine_agreement.md", markdown(report))
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = make_workdir(Path(ns.workdir or tmp))
@@ -185,8 +213,9 @@ def main() -> None:
                 row = {"wall_s": round(seconds, 1), **compare(ddp, out)}
                 report["runs"][f"{setting}/{engine}"] = row
                 logger.info("%s/%s: %s", setting, engine, row)
-    Path(ns.out).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(ns.out) / "engine_agreement.json", json.dumps(report, indent=1))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "engine_agreement.json", json.dumps(report, indent=1))
+    atomic_write_text(out / "engine_agreement.md", markdown(report))
 
 
 if __name__ == "__main__":
