@@ -1,11 +1,12 @@
-"""How closely DeepSpeed ZeRO-2/3 and FSDP2 reproduce a DDP run of the text recipe, on 2 CPU ranks (gloo).
+"""How closely DeepSpeed ZeRO-1/2/3 and FSDP2 reproduce a DDP run of the text recipe, on 2 CPU ranks (gloo).
 
     python scripts/engine_agreement.py [--out scripts/results]
 
 Runs the text recipe 4 steps on a tiny BERT (2 blocks, the MiniLM tokenizer, 64 made-up sentences) under each
 engine, three times: with the default settings (layer_decay 0.5); with every control on (update ratios,
-adaptive rates, gradual unfreezing, clipping at 0.1, weight decay); and with the model changes made when
-training starts (re-initialising the top block, freezing depths below scale 0.2; FSDP2 refuses the re-init).
+adaptive rates, gradual unfreezing, clipping at 0.1, weight decay; the only setting ZeRO-1 runs); and with the
+model changes made when training starts (re-initialising the top block, freezing depths below scale 0.2; FSDP2
+refuses the re-init).
 Writes ``OUT/engine_agreement.json`` (and the README table, ``.md``): per engine and setting the largest weight
 difference to DDP, the largest relative difference of a per-depth statistic, whether the per-group rates are
 identical, and the wall time.
@@ -34,11 +35,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "ddp": "recipes/accelerate/cpu_2proc.yaml",
+    "zero1": "recipes/accelerate/deepspeed_zero1_cpu.yaml",
     "zero2": "recipes/accelerate/deepspeed_zero2_cpu.yaml",
     "zero3": "recipes/accelerate/deepspeed_zero3_cpu.yaml",
     "fsdp2": "recipes/accelerate/cpu_2proc.yaml",
 }
-LABELS = {"ddp": "DDP", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3", "fsdp2": "FSDP2"}
+LABELS = {
+    "ddp": "DDP",
+    "zero1": "DeepSpeed ZeRO-1",
+    "zero2": "DeepSpeed ZeRO-2",
+    "zero3": "DeepSpeed ZeRO-3",
+    "fsdp2": "FSDP2",
+}
 SETTINGS = {
     "default": [],
     "features": [
@@ -206,8 +214,8 @@ def main() -> None:
         for setting in SETTINGS:
             ddp, seconds = launch(workdir, "ddp", setting)
             report["runs"][f"{setting}/ddp"] = {"wall_s": round(seconds, 1)}
-            for engine in ("zero2", "zero3", "fsdp2"):
-                if (setting, engine) in REFUSED:
+            for engine in ("zero1", "zero2", "zero3", "fsdp2"):
+                if (setting, engine) in REFUSED or (setting != "features" and engine == "zero1"):
                     continue
                 out, seconds = launch(workdir, engine, setting)
                 row = {"wall_s": round(seconds, 1), **compare(ddp, out)}

@@ -1,4 +1,4 @@
-"""Real 2-rank runs of the text recipe under DDP, DeepSpeed ZeRO-2/3 and FSDP2, on CPU (gloo).
+"""Real 2-rank runs of the text recipe under DDP, DeepSpeed ZeRO-1/2/3 and FSDP2, on CPU (gloo).
 
 Every engine must train with the same per-group rates, log the same per-depth statistics and end with the same
 weights as DDP, within float noise. DeepSpeed runs through ``accelerate launch`` with the shipped CPU configs;
@@ -65,7 +65,7 @@ def test_default_settings_match_ddp(runs, engine):
     assert compare(reference, other)["max_lr_rel_diff"] <= 1e-12  # the rates themselves are exact
 
 
-@pytest.mark.parametrize("engine", ["ddp", *ENGINES])
+@pytest.mark.parametrize("engine", ["ddp", "zero1", *ENGINES])
 def test_every_feature_matches_ddp_and_frozen_depths_stay_out_of_clipping(runs, engine):
     """Update ratios, adaptive rates and gradual unfreezing (with clipping active) on every engine."""
     out = runs("features", engine)
