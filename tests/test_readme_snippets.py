@@ -6,7 +6,6 @@ here; the arguments classes get CPU- and test-sized defaults (``use_cpu``, two s
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from pathlib import Path
@@ -28,7 +27,12 @@ SMALL = dict(use_cpu=True, max_steps=2, per_device_train_batch_size=2, report_to
 
 
 def _small(cls):
-    return functools.partial(cls, **SMALL)
+    """``cls`` with CPU- and test-sized defaults (a subclass, so isinstance and dataclass tools keep working)."""
+
+    def __init__(self, *args, **kwargs):
+        cls.__init__(self, *args, **{**SMALL, **kwargs})
+
+    return type(cls.__name__, (cls,), {"__init__": __init__})
 
 
 @pytest.fixture
@@ -38,8 +42,9 @@ def run(tmp_path, monkeypatch):
     import trl
 
     monkeypatch.chdir(tmp_path)
-    for module, name in [(tf, "Seq2SeqTrainingArguments"), (tf, "TrainingArguments"), (trl, "SFTConfig"),
-                         (sentence_transformers, "SentenceTransformerTrainingArguments")]:  # fmt: skip
+    classes = [(tf, "Seq2SeqTrainingArguments"), (trl, "SFTConfig"),
+               (sentence_transformers, "SentenceTransformerTrainingArguments")]  # fmt: skip
+    for module, name in classes:  # the snippets' own arguments classes only (imported before they are patched)
         monkeypatch.setattr(module, name, _small(getattr(module, name)))
 
     def execute(name: str, **names):
