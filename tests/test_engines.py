@@ -93,8 +93,12 @@ def test_model_changes_at_train_start_match_ddp(runs, engine):
     assert_same_run(reference, out)
     start, end = weights(runs.workdir / "model"), weights(out)
     assert all(torch.equal(end[k], start[k]) for k in end if k.startswith("bert.embeddings."))  # 0.125 < 0.2: frozen
-    block = [k for k in end if k.startswith("bert.encoder.layer.1.") and k.endswith("dense.weight")]
-    assert block and all(not torch.equal(end[k], start[k]) for k in block)
+    # 4 Adam steps at lr <= 1e-3 move a weight by at most ~4e-3; a fresh N(0, 0.02) draw moves it much more
+    def moved(prefix: str) -> float:
+        return max(float((end[k] - start[k]).abs().max()) for k in end if k.startswith(prefix) and "dense.weight" in k)
+
+    assert moved("bert.encoder.layer.1.") > 0.02 and moved("bert.pooler.") > 0.02  # re-initialised
+    assert moved("bert.encoder.layer.0.") < 0.005  # trained only
 
 
 def test_refused_combination_stops_with_one_line(runs):
