@@ -204,9 +204,25 @@ class ZeroStepContext(StepContext):
             return dict(self.zero.sub_group_to_group_id)
         return {i: i for i in range(len(self.groups))}
 
-    def _slot_grads(self, slot: int) -> list[torch.Tensor]:
+    def _slot_grads(self, slot: int, real_only: bool = True) -> list[torch.Tensor]:
         grads = self.zero.averaged_gradients.get(slot)
-        return [] if grads is None else list(grads)
+        if grads is None:
+            return []
+        if (
+            self.stage == 3 and real_only
+        ):  # one partition per parameter, padded on the last rank: count the real elements
+            return [g.view(-1)[: g.numel() - pad] for g, pad in zip(grads, self.zero.groups_padding[slot], strict=True)]
+        return list(grads)
+
+    def _slot_weights(self, slot: int) -> list[torch.Tensor]:
+        """This rank's fp32 master weights of a slot, without ZeRO-3's padding (it is never written: garbage)."""
+        if self.stage != 3:
+            return [self.zero.single_partition_of_fp32_groups[slot].detach()]  # stage 1/2 pads with zeros
+        flat, pieces, offset = self.zero.fp32_partitioned_groups_flat[slot].detach(), [], 0
+        for part, pad in zip(self.zero.fp16_partitioned_groups[slot], self.zero.groups_padding[slot], strict=True):
+            pieces.append(flat.narrow(0, offset, part.numel() - pad))
+            offset += part.numel()
+        return pieces
 
     def new_step(self, state) -> None:
         super().new_step(state)
@@ -241,7 +257,7 @@ class ZeroStepContext(StepContext):
         the optimizer's update, so frozen depths get no step, no weight decay and no optimizer state."""
         for slot, group in self.group_of_slot.items():
             if group in group_indices:
-                for grad in self._slot_grads(slot):
+                for grad in self._slot_grads(slot, real_only=False):
                     grad.zero_()
         self.skip_groups = set(group_indices)
         self._pre_clip = None
@@ -255,12 +271,8 @@ class ZeroStepContext(StepContext):
 
     def weights(self) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]:
         buckets: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
-        if self.stage == 3:
-            partitions = self.zero.fp32_partitioned_groups_flat
-        else:
-            partitions = self.zero.single_partition_of_fp32_groups
         for slot, group in self.group_of_slot.items():
-            buckets[self.group_key(self.groups[group])][0].append(partitions[slot].detach())
+            buckets[self.group_key(self.groups[group])][0].extend(self._slot_weights(slot))
         return buckets
 
     def reduce(self, values: dict[str, list[float]], sharded: bool) -> dict[str, list[float]]:
