@@ -36,6 +36,9 @@ BlockSpec = str | Callable[[str, nn.Module], bool] | None
 Block = tuple[str, ...]
 
 _LISTS = (nn.ModuleList, nn.Sequential)
+# Other fields that count layers, read only where a config has none of the usual ones; not thresholds, indices
+# or counts of layers that are not blocks (conv feature extractors, adapters, multi-token prediction).
+_OTHER_COUNT = re.compile(r"(?:num_|n_)?(?!.*(?:max|window|shared|nextn|predict|feat_extract|adapter))\w*_layers")
 # Config fields that add a second stack's layers to the model's own count.
 _DECODER_COUNTS = ("decoder_layers", "num_decoder_layers", "decoder_num_hidden_layers", "decoder_num_layers")
 
@@ -138,7 +141,10 @@ def traced_blocks(modules: dict[str, nn.Module], trace: Trace, config: Any, spec
         return Blocks({k: _in_run_order(v, first) for k, v in found.stacks.items()}, "blocks from block_pattern")
     lists = _candidates(modules, first)
     levels = _levels(lists)
-    params = {path: sum(p.numel() for p in m.parameters()) for path, m in modules.items()}
+    params: dict[str, int] = {}  # module path -> parameters below it, in one pass over the parameters
+    for name, param in modules[""].named_parameters():
+        for anc in ancestors(name.rpartition(".")[0]):
+            params[anc] = params.get(anc, 0) + param.numel()
     options = {root: [_score(level, params) for level in by_depth] for root, by_depth in levels.items()}
     targets = expected_layers(config)
     for target in targets:
@@ -292,14 +298,24 @@ def expected_layers(config: Any) -> list[int]:
     own, base, decoder = _own_layers(config)
     subs = [t for t in map(_total_layers, _sub_configs(config)) if t]
     total = sum(subs)
-    targets = [own, total, own + total if own and total else None, base, decoder]
-    targets += sorted({sum(subs[i] for i in range(len(subs)) if mask >> i & 1) for mask in range(1, 2 ** len(subs))})
+    targets = [own, total, own + total if own and total else None, base, decoder, *_subset_sums(subs)]
+    if not any(targets):  # no usual field: the other layer-count fields, any of them (a class may build fewer)
+        targets += _subset_sums([v for k, v in vars(config).items() if _OTHER_COUNT.fullmatch(k) and type(v) is int])
     return list(dict.fromkeys(t for t in targets if t))
 
 
+def _subset_sums(counts: list[int]) -> list[int]:
+    """Sums of the non-empty subsets of ``counts`` (at most 6 of them), largest subsets first."""
+    counts = counts[:6]
+    masks = sorted(range(1, 2 ** len(counts)), key=lambda m: -bin(m).count("1"))
+    return [sum(c for i, c in enumerate(counts) if mask >> i & 1) for mask in masks]
+
+
 def _total_layers(config: Any) -> int:
-    """The config's own layers, else the sum over its sub-configs (a PaliGemma inside ColPali)."""
-    return _own_layers(config)[0] or sum(map(_total_layers, _sub_configs(config)))
+    """The config's own layers, else the sum over its sub-configs (a PaliGemma inside ColPali), else the sum of
+    its other layer-count fields (VideoPrism's ``num_spatial_layers`` + ``num_temporal_layers``)."""
+    own = _own_layers(config)[0] or sum(map(_total_layers, _sub_configs(config)))
+    return own or sum(v for k, v in vars(config).items() if _OTHER_COUNT.fullmatch(k) and type(v) is int)
 
 
 def _sub_configs(config: Any) -> list[Any]:

@@ -504,7 +504,12 @@ class _Flow:
         return any(inside(member, path) for member in self.tree.block_depth)
 
     def _outside(self, raw: str) -> tuple[str, int, str]:
+        """A parameter of a wrapper around the traced model (a PEFT prompt encoder, a SentenceTransformer's
+        Dense layer, a loss module's classifier): the module-tree rules, relative to the whole model."""
         names = list(self.stacks)
+        clean = normalize_name(raw)
+        if _STEM_LEAF.search(clean.rpartition(".")[2]) or any(_STEM_SEGMENT.search(p) for p in clean.split(".")[:-1]):
+            return names[0], 0, "outside the traced transformers model, an embedding or token by name -> stem"
         if self.raw_order[raw] < self.outside[0]:
             return names[0], 0, "outside the traced transformers model, registered before it -> stem"
         head = self.stacks[names[-1]].num_layers + 1
@@ -546,22 +551,26 @@ def _by_time(tick: int, spans: list[tuple[int, int]], what: str) -> tuple[int, s
 
 def _shared_tables(twin: nn.Module, stack_blocks: dict[str, list[Block]]) -> set[str]:
     """Parameters of an ``nn.Embedding`` in block 0 whose place no other block of the stack fills (T5)."""
+    local: dict[str, set[str]] = {}  # block member -> its parameter names, relative to it
+    members = {m for blocks in stack_blocks.values() for block in blocks for m in block}
+    for name, _ in twin.named_parameters():
+        for anc in ancestors(name.rpartition(".")[0]):
+            if anc in members:
+                local.setdefault(anc, set()).add(name[len(anc) + 1 :])
+                break
     shared = set()
     for blocks in stack_blocks.values():
         if len(blocks) < 2:
             continue
-        others = set()
-        for block in blocks[1:]:
-            for member in block:
-                sub = twin.get_submodule(member)
-                others |= {name for name, _ in sub.named_parameters()}
+        others = {name for block in blocks[1:] for member in block for name in local.get(member, ())}
         for member in blocks[0]:
             for path, module in twin.get_submodule(member).named_modules():
                 if isinstance(module, nn.Embedding):
-                    for name, _ in module.named_parameters():
-                        local = f"{path}.{name}" if path else name
-                        if local not in others:
-                            shared.add(f"{member}.{local}")
+                    shared |= {
+                        f"{member}.{path}.{n}" if path else f"{member}.{n}"
+                        for n, _ in module.named_parameters()
+                        if (f"{path}.{n}" if path else n) not in others
+                    }
     return shared
 
 

@@ -79,7 +79,7 @@ class Trace:
 
     def describe(self) -> str:
         """One line for logs and ``llrd inspect``."""
-        extra = f", {self.assumed} data-dependent values assumed" if self.assumed else ""
+        extra = f", {self.assumed} data-dependent value{'s' * (self.assumed != 1)} assumed" if self.assumed else ""
         return f"traced one forward pass on the meta device (inputs: {', '.join(self.inputs)}{extra})"
 
 
@@ -326,6 +326,7 @@ class _Tracer(TorchFunctionMode):
         self.assumed = 0
         self.tapes: list[list[tuple[str, str]]] = []
         self.memos: dict[Any, tuple[str, list[tuple[str, str]], Any]] = {}
+        self.shapes: dict[int, tuple] = {}  # id(list element) -> its parameters' names, shapes and dtypes
 
     def event(self, kind: str, name: str) -> None:
         for tape in self.tapes:
@@ -347,8 +348,9 @@ class _Tracer(TorchFunctionMode):
 
     def memo(self, path: str, module: nn.Module, forward: Callable, *args: Any, **kwargs: Any) -> Any:
         """Run the first block of a kind; replay its record (and return its output) for the next ones."""
-        shapes = tuple((n, tuple(p.shape), p.dtype) for n, p in module.named_parameters())
-        key = (type(module), shapes, _signature(args), _signature(kwargs))
+        if id(module) not in self.shapes:
+            self.shapes[id(module)] = tuple((n, tuple(p.shape), p.dtype) for n, p in module.named_parameters())
+        key = (type(module), self.shapes[id(module)], _signature(args), _signature(kwargs))
         try:
             hit = self.memos.get(key)
         except TypeError:  # an unhashable plain value: no replay
