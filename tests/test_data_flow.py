@@ -124,6 +124,15 @@ def test_wrappers_are_traced_through():
             self.model = model
             self.classifier = nn.Linear(4, 2)
 
+    from peft import PromptTuningConfig, TaskType
+
+    prompted = get_peft_model(
+        tiny_models.make("opt"), PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4)
+    )
+    lm = layer_ids(prompted)
+    assert lm.source == "flow" and lm["prompt_encoder.default.embedding.weight"] == 0  # virtual tokens: the stem
+    assert lm["decoder.final_layer_norm.weight"] == 3  # PeftModel.base_model.model.<name>: prefix stripped
+
     lm = layer_ids(Loss(tiny_models.make("opt")))
     assert lm.source == "flow" and lm["model.model.decoder.final_layer_norm.weight"] == 3
     assert lm["classifier.weight"] == 3
@@ -182,3 +191,17 @@ def test_trace_records_first_use_of_direct_parameters():
     mae = layer_ids(tiny_models.make("vit-mae"))
     assert mae.info("decoder.mask_token").reason == "used before block 0 -> stem"
     assert mae.info("decoder.mask_token").stack == "decoder.decoder_layers"
+
+
+@pytest.mark.slow
+def test_bench_depth_speed_quick(tmp_path):
+    """The speed script runs; its numbers are for the README, only the no-real-forward check is asserted."""
+    import json
+
+    from test_benchmarks import run_script
+
+    run_script("bench_depth_speed.py", tmp_path, timeout=900)
+    res = json.loads((tmp_path / "depth_speed_quick.json").read_text())
+    assert res["no_real_forward"]["hooks_fired"] == 0 and res["no_real_forward"]["weights_unchanged"]
+    assert res["speed"]["summary"]["flow"]["source"] == "flow" and res["speed"]["summary"]["flow"]["blocks"] == 80
+
