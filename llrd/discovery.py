@@ -416,7 +416,7 @@ class _Flow:
     stacks: dict[str, Stack]
     spans: dict[str, list[tuple[int, int]] | None]  # stack -> (first start, last end) per block; None: not run
     shared: set[str]  # twin parameter names: lookup tables only block 0 of a stack has
-    outside: tuple[int, int]  # registration positions of the traced model's first and last parameter
+    first_inside: int  # position in named_parameters() of the traced model's first parameter
     raw_order: dict[str, int]  # raw parameter name -> position in named_parameters()
     note: str
 
@@ -459,7 +459,7 @@ class _Flow:
             stacks,
             spans,
             _shared_tables(twin, stack_blocks),
-            (min(mine, default=0), max(mine, default=0)),
+            min(mine, default=0),
             {n: i for i, n in enumerate(raw_names)},
             note,
         )
@@ -510,7 +510,7 @@ class _Flow:
         clean = normalize_name(raw)
         if _STEM_LEAF.search(clean.rpartition(".")[2]) or any(_STEM_SEGMENT.search(p) for p in clean.split(".")[:-1]):
             return names[0], 0, "outside the traced transformers model, an embedding or token by name -> stem"
-        if self.raw_order[raw] < self.outside[0]:
+        if self.raw_order[raw] < self.first_inside:
             return names[0], 0, "outside the traced transformers model, registered before it -> stem"
         head = self.stacks[names[-1]].num_layers + 1
         return names[-1], head, "outside the traced transformers model, registered after it -> head"

@@ -114,6 +114,12 @@ def trace(model: nn.Module) -> Trace:
     if found is None:
         raise TraceError(f"{type(model).__name__} holds no transformers PreTrainedModel to rebuild from its config")
     root, hf_model = found
+    beside = _other_transformers_model(model, root)
+    if beside is not None:
+        raise TraceError(
+            f"{type(model).__name__} holds two transformers models side by side ({root or 'the root'} and "
+            f"{beside}); llrd traces one"
+        )
     twin = _meta_twin(hf_model)
     errors = []
     for inputs in _input_sets(twin):
@@ -129,6 +135,16 @@ def trace(model: nn.Module) -> Trace:
             f"no input could be built for {type(hf_model).__name__} (main_input_name={twin.main_input_name!r})"
         )
     raise TraceError(f"the forward pass of {type(hf_model).__name__} does not run on the meta device ({errors[0]})")
+
+
+def _other_transformers_model(model: nn.Module, root: str) -> str | None:
+    """Path of a transformers model that does not lie inside the one at ``root`` (a dual encoder), if any."""
+    from transformers import PreTrainedModel
+
+    for path, module in model.named_modules():
+        if isinstance(module, PreTrainedModel) and not (root == "" or path == root or path.startswith(root + ".")):
+            return path
+    return None
 
 
 def _failure(inputs: dict[str, Any], err: Exception) -> str:

@@ -171,6 +171,16 @@ def test_untraceable_models_fall_back_and_say_so(caplog):
     assert "depth from the module tree, not the data flow" in caplog.text
     assert lm.info("head.weight").reason == "fallback: registered after the blocks -> head"
 
+    class DualEncoder(nn.Module):  # two transformers models side by side: the trace would see only one
+        def __init__(self):
+            super().__init__()
+            self.query = tiny_models.make("bert")
+            self.document = tiny_models.make("bert")
+
+    lm = layer_ids(DualEncoder())
+    assert lm.source == "fallback" and "two transformers models side by side" in lm.note
+    assert lm.num_layers == 4  # two stacks of 2, as llrd 0.1 found them
+
     class Broken(tf.BertForSequenceClassification):  # a forward that cannot run on meta tensors
         def forward(self, input_ids=None, **kwargs):
             return input_ids.cpu()
@@ -204,4 +214,3 @@ def test_bench_depth_speed_quick(tmp_path):
     res = json.loads((tmp_path / "depth_speed_quick.json").read_text())
     assert res["no_real_forward"]["hooks_fired"] == 0 and res["no_real_forward"]["weights_unchanged"]
     assert res["speed"]["summary"]["flow"]["source"] == "flow" and res["speed"]["summary"]["flow"]["blocks"] == 80
-
