@@ -7,9 +7,20 @@ import json
 import logging
 import sys
 
-from .inspect import TASKS, empty_model, format_table, inspect_model, load_config, plot_rows
+from .inspect import (
+    TASKS,
+    empty_model,
+    explain_rows,
+    format_explanation,
+    format_table,
+    inspect_model,
+    load_config,
+    plot_rows,
+)
 
-USAGE = "llrd inspect MODEL [--config key=value ...] [--task TASK] [--json] [--plot PNG] [LLRD training flags]"
+USAGE = (
+    "llrd inspect MODEL [--config key=value ...] [--task TASK] [--explain] [--json] [--plot PNG] [LLRD training flags]"
+)
 
 
 def _inspect_parser() -> argparse.ArgumentParser:
@@ -21,9 +32,12 @@ def _inspect_parser() -> argparse.ArgumentParser:
         "--depth_overrides, ...) is accepted, as in the recipes.",
     )
     p.add_argument("model", help="local checkpoint folder, Hub name (config only), or a model_type such as bert")
-    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("--config", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--task", choices=TASKS, default="auto", help="which head to build (default: auto)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--explain", action="store_true", help="also say why each parameter outside the blocks got its depth"
+    )
     p.add_argument("--plot", metavar="PNG", help="also draw learning rate per depth to this PNG")
     p.add_argument("--trust_remote_code", action="store_true", help="allow custom code from the checkpoint")
     return p
@@ -56,15 +70,23 @@ def inspect_main(argv: list[str]) -> int:
         parser.error(str(err))
     if ns.plot:
         plot_rows(rows, ns.plot, title=f"{type(model).__name__}, layer_decay={args.layer_decay}")
+    depth = {"source": layer_map.source, "how": layer_map.note}
     if ns.json:
         stacks = {s.name: s.num_layers for s in layer_map.stacks.values()}
-        print(json.dumps({"model": type(model).__name__, "stacks": stacks, "groups": rows}, indent=1))
-    else:
-        stacks = ", ".join(f"{s.name}: {s.num_layers} blocks" for s in layer_map.stacks.values())
-        total = sum(r["params"] for r in rows)
-        print(f"{type(model).__name__} ({stacks}); layer_decay={args.layer_decay}, lr={args.learning_rate:g}")
-        print(format_table(rows))
-        print(f"{len(rows)} groups, {sum(r['tensors'] for r in rows)} tensors, {total:,} trainable parameters")
+        report = {"model": type(model).__name__, "stacks": stacks, "depth": depth, "groups": rows}
+        if ns.explain:
+            report["explain"] = explain_rows(layer_map)
+        print(json.dumps(report, indent=1))
+        return 0
+    stacks = ", ".join(f"{s.name}: {s.num_layers} blocks" for s in layer_map.stacks.values())
+    total = sum(r["params"] for r in rows)
+    print(f"{type(model).__name__} ({stacks}); layer_decay={args.layer_decay}, lr={args.learning_rate:g}")
+    print(f"depth from {layer_map.source}: {layer_map.note}")
+    print(format_table(rows))
+    print(f"{len(rows)} groups, {sum(r['tensors'] for r in rows)} tensors, {total:,} trainable parameters")
+    if ns.explain:
+        print("\nWhy each parameter outside the blocks has its depth:")
+        print(format_explanation(explain_rows(layer_map)))
     return 0
 
 

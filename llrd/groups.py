@@ -41,6 +41,7 @@ def param_groups(
     layer_map: LayerMap | None = None,
     block_pattern: BlockSpec = None,
     depth_overrides: DepthOverrides = None,
+    depth_source: str = "flow",
     include_frozen: bool = False,
     per_depth: bool = False,
     stack_decay: Mapping[str, float] | None = None,
@@ -59,7 +60,8 @@ def param_groups(
         decay_names: raw parameter names that get weight decay, or a callable ``model -> names``.
             Default: ``Trainer``'s rule (no decay for biases and norms).
         layer_map: a precomputed :func:`llrd.layer_ids` result; computed from ``model`` if omitted.
-        block_pattern, depth_overrides: passed to :func:`llrd.layer_ids`.
+        block_pattern, depth_overrides, depth_source: passed to :func:`llrd.layer_ids` (``depth_source=
+            "structure"`` gives llrd 0.1's depths, to resume a checkpoint it wrote).
         include_frozen: also put parameters with ``requires_grad=False`` in the groups (for schedules that
             unfreeze them later). Default: frozen parameters are in no group.
         per_depth: keep one group per depth even when all scales are equal (default: Trainer's 2 groups then).
@@ -82,7 +84,9 @@ def param_groups(
         layer_decay, stack_decay, layer_decay_min_scale, head_lr_scale, lr_multipliers, freeze_below_scale
     )
     if layer_map is None:
-        layer_map = layer_ids(model, block_pattern=block_pattern, depth_overrides=depth_overrides)
+        layer_map = layer_ids(
+            model, block_pattern=block_pattern, depth_overrides=depth_overrides, depth_source=depth_source
+        )
     scaling.check(layer_map)
     if decay_names is None:
         decay = default_decay_names(model)

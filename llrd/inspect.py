@@ -17,7 +17,7 @@ from torch import nn
 from .discovery import LayerMap, layer_ids
 from .groups import param_groups
 
-__all__ = ["resolve_checkpoint", "empty_model", "inspect_rows", "format_table", "plot_rows"]
+__all__ = ["resolve_checkpoint", "empty_model", "inspect_rows", "format_table", "plot_rows", "explain_rows"]
 
 TASKS = ("auto", "sequence-classification", "image-classification", "causal-lm", "seq2seq-lm", "base")
 
@@ -120,6 +120,40 @@ def inspect_rows(groups: list[dict[str, Any]], layer_map: LayerMap) -> list[dict
     return rows
 
 
+def explain_rows(layer_map: LayerMap) -> list[dict[str, Any]]:
+    """Why each parameter outside the blocks got its depth (one row per parameter), for ``--explain``.
+
+    Example:
+        >>> explain_rows(layer_ids(opt))[-1]["reason"]                    # doctest: +SKIP
+        'used after block 11, the last -> head'
+    """
+    return [
+        {"name": info.name, "stack": info.stack, "depth": info.depth, "reason": info.reason}
+        for info in layer_map.params.values()
+        if not info.reason.startswith(("in block", "fallback: in block"))
+    ]
+
+
+def format_explanation(rows: list[Mapping[str, Any]]) -> str:
+    """A fixed-width text table of :func:`explain_rows`."""
+    return _table(
+        ["parameter", "stack", "depth", "why"],
+        [[r["name"], r["stack"], str(r["depth"]), r["reason"]] for r in rows],
+        {2},
+    )
+
+
+def _table(header: list[str], body: list[list[str]], right: set[int]) -> str:
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+
+    def line(cells):
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(b) for b in body)])
+
+
 def format_table(rows: list[Mapping[str, Any]]) -> str:
     """A fixed-width text table of :func:`inspect_rows`."""
     header = ["depth", "stack", "what", "tensors", "params", "lr", "lr scale", "wd"]
@@ -136,15 +170,7 @@ def format_table(rows: list[Mapping[str, Any]]) -> str:
         ]
         for r in rows
     ]
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
-    right = {3, 4, 5, 6, 7, 0}
-
-    def line(cells):
-        return "  ".join(
-            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(b) for b in body)])
+    return _table(header, body, {3, 4, 5, 6, 7, 0})
 
 
 def plot_rows(rows: list[Mapping[str, Any]], path: str, title: str = "") -> None:
@@ -178,6 +204,11 @@ def inspect_model(model: nn.Module, args) -> tuple[list[dict[str, Any]], LayerMa
     """Rows for ``model`` under the LLRD settings of ``args`` (an ``LLRDTrainingArguments``)."""
     from .groups import default_decay_names
 
-    layer_map = layer_ids(model, block_pattern=args.block_pattern, depth_overrides=args.depth_overrides)
+    layer_map = layer_ids(
+        model,
+        block_pattern=args.block_pattern,
+        depth_overrides=args.depth_overrides,
+        depth_source=getattr(args, "depth_source", "flow"),
+    )
     groups = param_groups(model, decay_names=default_decay_names, layer_map=layer_map, **args.group_kwargs())
     return inspect_rows(groups, layer_map), layer_map

@@ -82,7 +82,9 @@ def check_layout(saved: list[dict[str, Any]], current: list[dict[str, Any]], whe
             f"cannot resume from {where}: its LLRD param-group layout differs from the one built now, so the "
             "optimizer and scheduler state would land on the wrong tensors or rates. "
             + "; ".join(problems)
-            + ". Resume with the same model and LLRD settings, or start a new run."
+            + ". Resume with the same model and LLRD settings, or start a new run. A checkpoint written by llrd "
+            "0.1 has depths from the module tree: resume it with depth_source='structure' (`--depth_source "
+            "structure`), which rebuilds that layout."
         )
 
 

@@ -204,6 +204,117 @@ EXPECTED: dict[str, tuple[dict[str, int], list[tuple[str, str, object]]]] = {
     ),
 }
 
+
+def stage_depth(depths: list[int]):
+    """Depth of block ``b`` of stage ``s`` (``match[1]``, ``match[2]``) when blocks are counted across stages."""
+    return lambda m: sum(depths[: int(m[1])]) + int(m[2]) + 1
+
+
+def stage_entry(depths: list[int]):
+    """Depth of what runs at the start of stage ``s`` (``match[1]``): its first block's, or the stem for stage 0."""
+    return lambda m: sum(depths[: int(m[1])]) + 1 if int(m[1]) else 0
+
+
+def stage_exit(depths: list[int]):
+    """Depth of what runs at the end of stage ``s``: the next stage's first block, or the head after the last."""
+    return lambda m: sum(depths[: int(m[1]) + 1]) + 1
+
+
+# Architectures whose data flow differs from the order their modules are registered in: each expectation
+# below follows the forward pass as the model's code is written (issue 11).
+FLOW_EXPECTED: dict[str, tuple[dict[str, int], list[tuple[str, str, object]]]] = {
+    # final_layer_norm and project_out are registered before `layers` but run after them
+    "opt": (
+        {S: 2},
+        [
+            (r"^model\.decoder\.(embed_tokens|embed_positions|project_in)\.", S, 0),
+            (r"^model\.decoder\.layers\.(\d+)\.", S, "b"),
+            (r"^model\.decoder\.(final_layer_norm|project_out)\.", S, "h"),
+        ],
+    ),
+    # transformers marks the stage as the checkpointing layer; the blocks inside it are the 5 layers
+    "swinv2": (
+        {S: 5},
+        [
+            (r"^swinv2\.embeddings\.", S, 0),
+            (r"^swinv2\.encoder\.layers\.(\d+)\.blocks\.(\d+)\.", S, stage_depth([2, 1, 2])),
+            (r"^swinv2\.encoder\.layers\.(\d+)\.downsample\.", S, stage_exit([2, 1, 2])),
+            (r"^(swinv2\.layernorm|classifier)\.", S, "h"),
+        ],
+    ),
+    # the conv feature extractor is the stem, not a stack; post-LN: the encoder norm runs before the layers
+    "wav2vec2": (
+        {S: 2},
+        [
+            (r"^wav2vec2\.(masked_spec_embed$|feature_extractor\.|feature_projection\.)", S, 0),
+            (r"^wav2vec2\.encoder\.(pos_conv_embed|layer_norm)\.", S, 0),
+            (r"^wav2vec2\.encoder\.layers\.(\d+)\.", S, "b"),
+            (r"^(projector|classifier)\.", S, "h"),
+        ],
+    ),
+    # pre-LN (do_stable_layer_norm): the encoder norm runs after the layers
+    "wav2vec2-stable": (
+        {S: 2},
+        [
+            (r"^wav2vec2\.(masked_spec_embed$|feature_extractor\.|feature_projection\.)", S, 0),
+            (r"^wav2vec2\.encoder\.pos_conv_embed\.", S, 0),
+            (r"^wav2vec2\.encoder\.layers\.(\d+)\.", S, "b"),
+            (r"^(wav2vec2\.encoder\.layer_norm|projector|classifier)\.", S, "h"),
+        ],
+    ),
+    # every block has its own relative_attention_bias: per block, unlike T5's shared one
+    "umt5": (
+        {"encoder": 2, "decoder": 3},
+        [
+            (r"^shared\.", "encoder", 0),
+            (r"^encoder\.block\.(\d+)\.", "encoder", "b"),
+            (r"^encoder\.final_layer_norm\.", "encoder", "h"),
+            (r"^decoder\.block\.(\d+)\.", "decoder", "b"),
+            (r"^decoder\.final_layer_norm\.", "decoder", "h"),
+        ],
+    ),
+    # four parallel lists, visited index by index: one stack of 3 blocks
+    "xlm": (
+        {S: 3},
+        [
+            (r"^transformer\.(position_embeddings|embeddings|layer_norm_emb)\.", S, 0),
+            (r"^transformer\.(?:attentions|layer_norm1|ffns|layer_norm2)\.(\d+)\.", S, "b"),
+            (r"^sequence_summary\.", S, "h"),
+        ],
+    ),
+    # the list of patch embeddings runs stage by stage, each before its stage's blocks
+    "poolformer": (
+        {S: 3},
+        [
+            (r"^poolformer\.encoder\.patch_embeddings\.(\d+)\.", S, stage_entry([1, 2])),
+            (r"^poolformer\.encoder\.block\.(\d+)\.(\d+)\.", S, stage_depth([1, 2])),
+            (r"^(norm|classifier)\.", S, "h"),
+        ],
+    ),
+    # a stage's patch embedding feeds its first block; the stage's closing norm feeds the next stage
+    "segformer": (
+        {S: 3},
+        [
+            (r"^segformer\.stages\.(\d+)\.patch_embeddings\.", S, stage_entry([1, 2])),
+            (r"^segformer\.stages\.(\d+)\.blocks\.(\d+)\.", S, stage_depth([1, 2])),
+            (r"^segformer\.stages\.(\d+)\.layer_norm\.", S, stage_exit([1, 2])),
+            (r"^decode_head\.", S, "h"),
+        ],
+    ),
+    # the pre-training decoder is its own stack: its mask token, position table and input projection are its stem
+    "vit-mae": (
+        {"vit.layers": 2, "decoder.decoder_layers": 3},
+        [
+            (r"^vit\.embeddings\.", "vit.layers", 0),
+            (r"^vit\.layers\.(\d+)\.", "vit.layers", "b"),
+            (r"^vit\.layernorm\.", "vit.layers", "h"),
+            (r"^decoder\.(mask_token$|decoder_pos_embed$|decoder_embed\.)", "decoder.decoder_layers", 0),
+            (r"^decoder\.decoder_layers\.(\d+)\.", "decoder.decoder_layers", "b"),
+            (r"^decoder\.(decoder_norm|decoder_pred)\.", "decoder.decoder_layers", "h"),
+        ],
+    ),
+}
+
 # downsampling layers: Swin stage s (patch merging at its end) feeds stage s+1; ConvNeXt stage s starts with it.
 DOWNSAMPLE = {
     "swin": lambda m: sum([2, 1, 2][: int(m[1]) + 1]) + 1,
@@ -212,7 +323,7 @@ DOWNSAMPLE = {
 
 
 def expected_depths(family: str, names: list[str]) -> dict[str, tuple[str, int]]:
-    counts, rules = EXPECTED[family]
+    counts, rules = {**EXPECTED, **FLOW_EXPECTED}[family]
     out = {}
     for name in names:
         for pattern, stack, depth in rules:
@@ -237,21 +348,26 @@ def expected_depths(family: str, names: list[str]) -> dict[str, tuple[str, int]]
     return out
 
 
-@pytest.mark.parametrize("family", list(EXPECTED))
-def test_depth_and_exact_lr_of_every_parameter(family):
+@pytest.mark.parametrize(
+    "family,source",
+    [(f, "flow") for f in [*EXPECTED, *FLOW_EXPECTED]] + [(f, "structure") for f in EXPECTED],
+)
+def test_depth_and_exact_lr_of_every_parameter(family, source):
+    """Data-flow depths for every family; the 21 families of llrd 0.1 get the same depths from both sources."""
     model = tiny_models.make(family)
     names = [n for n, _ in model.named_parameters()]
     expected = expected_depths(family, names)
-    counts = EXPECTED[family][0]
+    counts = {**EXPECTED, **FLOW_EXPECTED}[family][0]
 
-    lm = layer_ids(model)
+    lm = layer_ids(model, depth_source=source)
+    assert lm.source == source, lm.note  # traced, not a silent fallback
     stack_alias = {S: next(iter(lm.stacks))} if S in counts else {s: s for s in counts}
     assert {stack_alias[s]: n for s, n in counts.items()} == {s.name: s.num_layers for s in lm.stacks.values()}
     for name in names:
         stack, depth = expected[name]
         assert (lm.info(name).stack, lm[name]) == (stack_alias[stack], depth), name
 
-    groups = param_groups(model, lr=LR, layer_decay=DECAY, weight_decay=0.01)
+    groups = param_groups(model, lr=LR, layer_decay=DECAY, weight_decay=0.01, depth_source=source)
     lr_of = {n: g["lr"] for g in groups for n in g["param_names"]}
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert sorted(lr_of) == sorted(trainable)  # every trainable parameter exactly once, frozen ones in none

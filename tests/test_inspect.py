@@ -32,6 +32,7 @@ def cli(*argv):
 def test_table_and_json_match_param_groups(family, tmp_path, capsys):
     model = tiny_models.make(family)
     model.save_pretrained(tmp_path / "m")
+    capsys.readouterr()  # save_pretrained may import DeepSpeed, which prints its accelerator to stdout
     flags = ["--layer_decay", "0.8", "--learning_rate", "2e-4", "--weight_decay", "0.05"]
     assert main(["inspect", str(tmp_path / "m"), *flags, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -50,7 +51,8 @@ def test_table_and_json_match_param_groups(family, tmp_path, capsys):
     # the table shows the same rows
     assert main(["inspect", str(tmp_path / "m"), *flags]) == 0
     table = capsys.readouterr().out.splitlines()
-    body = [line.split() for line in table[3:-1]]
+    assert table[1].startswith("depth from flow: traced one forward pass on the meta device")
+    body = [line.split() for line in table[4:-1]]
     assert [int(cells[0]) for cells in body] == [g["layer_id"] for g in groups]
     assert [int(cells[-4].replace(",", "")) for cells in body] == [sum(p.numel() for p in g["params"]) for g in groups]
     assert [float(cells[-3]) for cells in body] == pytest.approx([g["lr"] for g in groups], rel=1e-3)
@@ -63,6 +65,55 @@ def test_json_round_trips(capsys):
     assert json.loads(json.dumps(report, indent=1)) == report
     assert report["stacks"] == {"bert.encoder.layer": 3}
     assert [g["depth"] for g in report["groups"][::2]] == [4, 3, 2, 1, 0]
+
+
+def test_config_takes_several_pairs_after_one_flag(capsys):
+    assert main(["inspect", "t5", "--config", "num_layers=2", "num_decoder_layers=3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stacks"] == {"encoder": 2, "decoder": 3}
+    assert main(["inspect", "t5", "--config", "num_layers=2", "--config", "num_decoder_layers=1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stacks"] == {"encoder": 2, "decoder": 1}
+
+
+def test_explain_says_why_each_parameter_outside_the_blocks_has_its_depth(capsys):
+    flags = ["--config", "num_hidden_layers=2", "hidden_size=32", "ffn_dim=37", "num_attention_heads=2"]
+    assert main(["inspect", "opt", *flags, "word_embed_proj_dim=16", "--task", "causal-lm", "--explain"]) == 0
+    out = capsys.readouterr().out
+    why = out.split("Why each parameter outside the blocks has its depth:\n")[1].splitlines()
+    rows = {line.split()[0]: line for line in why[2:]}
+    assert set(rows) == {
+        "model.decoder.embed_tokens.weight",
+        "model.decoder.embed_positions.weight",
+        "model.decoder.project_in.weight",
+        "model.decoder.project_out.weight",
+        "model.decoder.final_layer_norm.weight",
+        "model.decoder.final_layer_norm.bias",
+    }
+    assert rows["model.decoder.final_layer_norm.weight"].split()[2:] == "3 used after block 1, the last -> head".split()
+    assert rows["model.decoder.project_in.weight"].split()[2:] == "0 used before block 0 -> stem".split()
+    assert main(["inspect", "opt", *flags, "--task", "causal-lm", "--explain", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["depth"]["source"] == "flow"
+    explained = {r["name"]: (r["depth"], r["reason"]) for r in report["explain"]}
+    assert explained["model.decoder.final_layer_norm.bias"] == (3, "used after block 1, the last -> head")
+
+
+def test_inspect_shows_the_fallback(tmp_path, capsys):
+    """A model the trace cannot run says so in the output, and why."""
+    from llrd.inspect import inspect_model
+
+    class Args:  # what inspect reads from LLRDTrainingArguments
+        block_pattern = depth_overrides = None
+        depth_source = "structure"
+
+        def group_kwargs(self):
+            return {"lr": 1e-3, "layer_decay": 0.5}
+
+    model = tiny_models.make("opt")
+    _, layer_map = inspect_model(model, Args())
+    assert layer_map.source == "structure" and layer_map["model.decoder.final_layer_norm.weight"] == 0
+    Args.depth_source = "flow"
+    _, layer_map = inspect_model(model, Args())
+    assert layer_map["model.decoder.final_layer_norm.weight"] == 3
 
 
 def test_meta_device_llama_80_layers_stays_small():

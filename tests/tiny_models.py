@@ -193,6 +193,126 @@ def _whisper():
     return tf.WhisperForConditionalGeneration(cfg)
 
 
+# Architectures whose data flow differs from their module registration order (issue 11).
+
+
+def _opt():
+    cfg = tf.OPTConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        ffn_dim=37,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        word_embed_proj_dim=16,  # adds project_in / project_out
+    )
+    return tf.OPTForCausalLM(cfg)
+
+
+def _swinv2():
+    cfg = tf.Swinv2Config(
+        image_size=32, patch_size=4, embed_dim=8, depths=[2, 1, 2], num_heads=[1, 1, 2], window_size=2, num_labels=3
+    )
+    return tf.Swinv2ForImageClassification(cfg)
+
+
+# A 2-layer speech encoder behind a 2-layer conv feature extractor (Wav2Vec2, HuBERT, WavLM, ...).
+AUDIO = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=37,
+    conv_dim=(8, 8),
+    conv_stride=(5, 4),
+    conv_kernel=(10, 4),
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=2,
+)
+
+
+def _wav2vec2(stable_layer_norm: bool):
+    cfg = tf.Wav2Vec2Config(
+        do_stable_layer_norm=stable_layer_norm,
+        feat_extract_norm="layer" if stable_layer_norm else "group",
+        classifier_proj_size=16,
+        num_labels=3,
+        **AUDIO,
+    )
+    return tf.Wav2Vec2ForSequenceClassification(cfg)
+
+
+def _wavlm():
+    return tf.WavLMModel(tf.WavLMConfig(num_buckets=8, **AUDIO))
+
+
+SEQ2SEQ = dict(vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_heads=2, decoder_start_token_id=0)
+
+
+def _umt5():
+    return tf.UMT5ForConditionalGeneration(tf.UMT5Config(num_layers=2, num_decoder_layers=3, **SEQ2SEQ))
+
+
+def _longt5_tglobal():
+    cfg = tf.LongT5Config(num_layers=2, num_decoder_layers=2, encoder_attention_type="transient-global", **SEQ2SEQ)
+    return tf.LongT5Model(cfg)
+
+
+def _deepseek_v3():
+    """Block 0 alone has a dense MLP (``first_k_dense_replace=1``), the others mixtures of experts."""
+    cfg = tf.DeepseekV3Config(
+        num_hidden_layers=3,
+        num_key_value_heads=2,
+        moe_intermediate_size=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        **TEXT,
+    )
+    return tf.DeepseekV3ForCausalLM(cfg)
+
+
+def _xlm():
+    cfg = tf.XLMConfig(vocab_size=99, emb_dim=32, n_layers=3, n_heads=2, max_position_embeddings=64, num_labels=3)
+    return tf.XLMForSequenceClassification(cfg)
+
+
+# Two stages of 1 and 2 blocks, each opened by a patch embedding (PoolFormer, SegFormer).
+STAGES = dict(
+    image_size=32, num_encoder_blocks=2, depths=[1, 2], hidden_sizes=[8, 16], patch_sizes=[3, 3], strides=[2, 2]
+)
+
+
+def _poolformer():
+    cfg = tf.PoolFormerConfig(padding=[1, 1], mlp_ratio=2.0, num_labels=3, **STAGES)
+    return tf.PoolFormerForImageClassification(cfg)
+
+
+def _segformer():
+    cfg = tf.SegformerConfig(
+        sr_ratios=[2, 1], num_attention_heads=[1, 2], mlp_ratios=[2, 2], decoder_hidden_size=16, num_labels=3, **STAGES
+    )
+    return tf.SegformerForSemanticSegmentation(cfg)
+
+
+def _vit_mae():
+    cfg = tf.ViTMAEConfig(
+        decoder_hidden_size=16,
+        decoder_num_hidden_layers=3,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=20,
+        num_hidden_layers=2,
+        **VISION,
+    )
+    return tf.ViTMAEForPreTraining(cfg)
+
+
 FACTORIES: dict[str, Callable[[], tf.PreTrainedModel]] = {
     "bert": _bert,
     "roberta": _roberta,
@@ -215,6 +335,18 @@ FACTORIES: dict[str, Callable[[], tf.PreTrainedModel]] = {
     "t5": _t5,
     "bart": _bart,
     "whisper": _whisper,
+    "opt": _opt,
+    "swinv2": _swinv2,
+    "wav2vec2": lambda: _wav2vec2(stable_layer_norm=False),
+    "wav2vec2-stable": lambda: _wav2vec2(stable_layer_norm=True),
+    "umt5": _umt5,
+    "xlm": _xlm,
+    "poolformer": _poolformer,
+    "segformer": _segformer,
+    "vit-mae": _vit_mae,
+    "wavlm": _wavlm,
+    "longt5-tglobal": _longt5_tglobal,
+    "deepseek-v3": _deepseek_v3,
 }
 
 

@@ -1,0 +1,381 @@
+"""Which modules are the blocks: the repeated units the data passes through in sequence.
+
+Two finders, both returning ``{stack key: [block, ...]}`` where a block is a tuple of module paths (one
+module, or the i-th elements of parallel lists such as XLM's ``attentions`` / ``ffns``):
+
+* :func:`structural_blocks` (llrd 0.1, ``depth_source="structure"`` and the fallback): the innermost
+  ``GradientCheckpointingLayer`` instances, else the children of the innermost list of same-class modules;
+  blocks under one outermost list form one stack.
+* :func:`traced_blocks`: every candidate list of the module tree (lists of transformers layers or of
+  same-class modules; sibling lists of equal length that the forward pass visits index by index form one
+  list), arranged in nesting levels (Swin stages, then the blocks inside them). It picks, for each outermost
+  list, the level (or none) such that the block count equals the config's (``num_hidden_layers``,
+  ``depths``, encoder + decoder layers, the sum over sub-configs), preferring transformers' own layer
+  marking and then the most parameters. Blocks are ordered as the forward pass runs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .flow import Trace
+from .naming import normalize_name
+
+__all__ = ["BlockSpec", "Blocks", "structural_blocks", "traced_blocks", "expected_layers"]
+
+logger = logging.getLogger(__name__)
+
+#: A regex that fully matches block module paths (clean names), or a predicate ``(path, module) -> bool``.
+BlockSpec = str | Callable[[str, nn.Module], bool] | None
+Block = tuple[str, ...]
+
+_LISTS = (nn.ModuleList, nn.Sequential)
+# Other fields that count layers, read only where a config has none of the usual ones; not thresholds, indices
+# or counts of layers that are not blocks (conv feature extractors, adapters, multi-token prediction).
+_OTHER_COUNT = re.compile(r"(?:num_|n_)?(?!.*(?:max|window|shared|nextn|predict|feat_extract|adapter))\w*_layers")
+# Config fields that add a second stack's layers to the model's own count.
+_DECODER_COUNTS = ("decoder_layers", "num_decoder_layers", "decoder_num_hidden_layers", "decoder_num_layers")
+
+
+@dataclass
+class Blocks:
+    """The blocks found, per stack (key: the path of the outermost list holding them), and how."""
+
+    stacks: dict[str, list[Block]]
+    note: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# llrd 0.1: module tree only
+
+
+def structural_blocks(modules: dict[str, nn.Module], spec: BlockSpec) -> Blocks:
+    """Blocks from the module tree alone (see the module docstring); paths are raw ``named_modules`` keys."""
+    blocks = _spec_blocks(modules, spec) if spec is not None else _default_blocks(modules)
+    return Blocks({key: [(b,) for b in found] for key, found in _group_stacks(blocks, modules).items()})
+
+
+def _spec_blocks(modules: dict[str, nn.Module], spec: BlockSpec) -> list[str]:
+    paths = list(modules)
+    if isinstance(spec, str):
+        pattern = re.compile(spec)
+        found = [p for p in paths if p and pattern.fullmatch(normalize_name(p))]
+        if not found:
+            raise ValueError(
+                f"block_pattern={spec!r} matches no module of the model. It must fully match clean module paths "
+                f"such as {normalize_name(paths[min(len(paths) - 1, 3)])!r}; list them with "
+                "`[n for n, _ in model.named_modules()]`."
+            )
+        return outermost(found)
+    found = [p for p in paths if p and spec(normalize_name(p), modules[p])]
+    if not found:
+        raise ValueError("block_pattern (a callable) returned True for no module of the model.")
+    return outermost(found)
+
+
+def _default_blocks(modules: dict[str, nn.Module]) -> list[str]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    paths = list(modules)
+    gc_layers = [p for p in paths if isinstance(modules[p], GradientCheckpointingLayer)]
+    if gc_layers:
+        return innermost(gc_layers)
+    lists = innermost([p for p in paths if _is_block_list(modules[p])])
+    return [_child(lst, str(i)) for lst in lists for i in range(len(modules[lst]))]
+
+
+def _is_block_list(module: nn.Module) -> bool:
+    """A list of >= 1 same-class, non-trivial modules that hold parameters."""
+    if not isinstance(module, _LISTS) or len(module) == 0:
+        return False
+    kinds = {type(child) for child in module}
+    if len(kinds) != 1:
+        return False
+    if _is_torch_layer(kinds.pop()):
+        return False  # a list of bare Linear/LayerNorm is a head or a projection bank, not a block stack
+    return all(any(True for _ in child.parameters()) for child in module)
+
+
+def _group_stacks(blocks: list[str], modules: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """Group blocks by their outermost enclosing list (so Swin stages chain into one stack)."""
+    stacks: dict[str, list[str]] = {}
+    for block in blocks:
+        parts = block.split(".")
+        key = block.rpartition(".")[0]
+        for i in range(len(parts) - 1, 0, -1):
+            parent = ".".join(parts[:i])
+            if isinstance(modules.get(parent), _LISTS):
+                key = parent
+        stacks.setdefault(key, []).append(block)
+    return stacks
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data flow: candidates checked against the trace and the config
+
+
+@dataclass
+class _List:
+    """A candidate list: its units (blocks) and where it sits."""
+
+    path: str  # the list (or, for parallel lists, their parent)
+    units: list[Block]
+    layer_marked: bool  # transformers marks its units as layers (GradientCheckpointingLayer)
+    parent: _List | None = None
+
+    def holds(self, path: str) -> bool:
+        return any(inside(path, member) for unit in self.units for member in unit)
+
+
+def traced_blocks(modules: dict[str, nn.Module], trace: Trace, config: Any, spec: BlockSpec = None) -> Blocks:
+    """Blocks of a meta twin (``modules``: its ``named_modules``, clean paths) chosen with its trace."""
+    first = first_starts(trace)
+    if spec is not None:
+        found = structural_blocks(modules, spec)
+        return Blocks({k: _in_run_order(v, first) for k, v in found.stacks.items()}, "blocks from block_pattern")
+    lists = _candidates(modules, first)
+    levels = _levels(lists)
+    params: dict[str, int] = {}  # module path -> parameters below it, in one pass over the parameters
+    for name, param in modules[""].named_parameters():
+        for anc in ancestors(name.rpartition(".")[0]):
+            params[anc] = params.get(anc, 0) + param.numel()
+    options = {root: [_score(level, params) for level in by_depth] for root, by_depth in levels.items()}
+    targets = expected_layers(config)
+    for target in targets:
+        chosen = _pick(options, target)
+        if chosen is not None:
+            stacks = {root: _in_run_order(units, first) for root, units in chosen.items()}
+            return Blocks(stacks, f"{target} blocks, as the config declares")
+    stacks = {root: _in_run_order(units, first) for root, units in _innermost_levels(levels).items()}
+    found = sum(len(u) for u in stacks.values())
+    return Blocks(stacks, _mismatch(found, targets, stacks, trace))
+
+
+def _candidates(modules: dict[str, nn.Module], first: dict[str, int]) -> list[_List]:
+    """Lists of transformers layers or same-class modules; interleaved sibling lists merged into one."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    kids: dict[str, list[str]] = {}  # list path -> child paths
+    plain, found = {}, {}
+    for path, module in modules.items():
+        if not isinstance(module, _LISTS) or len(module) == 0:
+            continue
+        children = [(_child(path, key), child) for key, child in module.named_children()]
+        if not all(p in modules and any(True for _ in c.parameters()) for p, c in children):
+            continue  # an element without parameters, or one registered elsewhere too (shared)
+        kids[path] = [p for p, _ in children]
+        marked = all(isinstance(c, GradientCheckpointingLayer) for _, c in children)
+        if marked or not any(_is_torch_layer(type(c)) for _, c in children):  # LeViT mixes two layer classes
+            found[path] = _List(path, [(p,) for p in kids[path]], marked)
+        else:
+            plain[path] = kids[path]
+    # parallel lists: siblings of one length whose elements the forward pass visits index by index (XLM)
+    siblings: dict[tuple[str, int], list[str]] = {}
+    for path in [*found, *plain]:
+        siblings.setdefault((path.rpartition(".")[0], len(kids[path])), []).append(path)
+    for (parent, length), paths in siblings.items():
+        if len(paths) < 2 or length < 2 or not any(p in found for p in paths):
+            continue
+        members = [kids[p] for p in paths]
+        units = [tuple(m[i] for m in members) for i in range(length)]
+        if _interleaved(units, first):
+            marked = all(found[p].layer_marked for p in paths if p in found)
+            for p in paths:
+                found.pop(p, None)
+            found[parent] = _List(parent, units, marked)
+    order = {path: i for i, path in enumerate(modules)}
+    lists = sorted(found.values(), key=lambda lst: order[lst.units[0][0]])
+    for lst in lists:  # nesting: the innermost other list holding this one
+        holders = [o for o in lists if o is not lst and o.holds(lst.units[0][0])]
+        lst.parent = max(holders, key=lambda o: len(o.units[0][0]), default=None)
+    return lists
+
+
+def first_starts(trace: Trace) -> dict[str, int]:
+    """Module path -> first tick at which it or anything below it started (lists themselves never run)."""
+    first: dict[str, int] = {}
+    for path, tick in trace.start.items():
+        for anc in ancestors(path):
+            if first.get(anc, tick + 1) > tick:
+                first[anc] = tick
+    return first
+
+
+def _interleaved(units: list[Block], first: dict[str, int]) -> bool:
+    starts = [[first.get(m) for m in unit] for unit in units]
+    if any(s is None for unit in starts for s in unit):
+        return False
+    return all(max(a) < min(b) for a, b in zip(starts, starts[1:], strict=False))
+
+
+def _levels(lists: list[_List]) -> dict[str, list[list[_List]]]:
+    """Per outermost list: the lists at each nesting level below it (level 0: itself)."""
+    levels: dict[str, list[list[_List]]] = {}
+    for lst in lists:
+        depth, top = 0, lst
+        while top.parent is not None:
+            depth, top = depth + 1, top.parent
+        by_depth = levels.setdefault(top.path, [])
+        while len(by_depth) <= depth:
+            by_depth.append([])
+        by_depth[depth].append(lst)
+    return levels
+
+
+def _score(level: list[_List], params: dict[str, int]) -> tuple[int, tuple[int, int], list[Block]]:
+    units = [unit for lst in level for unit in lst.units]
+    marked = sum(len(lst.units) for lst in level if lst.layer_marked)
+    covered = sum(params.get(member, 0) for unit in units for member in unit)
+    return len(units), (marked, covered), units
+
+
+def _pick(options: dict[str, list[tuple[int, tuple[int, int], list[Block]]]], target: int):
+    """For each outermost list a level or nothing, with ``target`` blocks in all; best score wins (DP)."""
+    best: dict[int, tuple[tuple[int, int], dict[str, int]]] = {0: ((0, 0), {})}
+    for root, levels in options.items():
+        step = dict(best)
+        for total, (score, picks) in best.items():
+            for index, (count, (marked, covered), _) in enumerate(levels):
+                new_total = total + count
+                if new_total > target:
+                    continue
+                new_score = (score[0] + marked, score[1] + covered)
+                if new_total not in step or new_score > step[new_total][0]:
+                    step[new_total] = (new_score, {**picks, root: index})
+        best = step
+    if target not in best or not best[target][1]:
+        return None
+    return {root: options[root][index][2] for root, index in best[target][1].items()}
+
+
+def _innermost_levels(levels: dict[str, list[list[_List]]]) -> dict[str, list[Block]]:
+    """No count matches the config: the innermost transformers layers, else the innermost lists (llrd 0.1)."""
+    marked = any(lst.layer_marked for by_depth in levels.values() for level in by_depth for lst in level)
+    chosen = {}
+    for root, by_depth in levels.items():
+        usable = [level for level in by_depth if not marked or any(lst.layer_marked for lst in level)]
+        if usable:
+            chosen[root] = [unit for lst in usable[-1] for unit in lst.units]
+    return chosen
+
+
+def _in_run_order(units: list[Block], first: dict[str, int]) -> list[Block]:
+    """Blocks in the order the forward pass first runs them; if it did not reach them all, module order."""
+    if not all(m in first for u in units for m in u):
+        return list(units)
+    return sorted(units, key=lambda u: min(first[m] for m in u))
+
+
+def _mismatch(found: int, targets: list[int], stacks: dict[str, list[Block]], trace: Trace) -> str:
+    if not targets:
+        return f"{found} blocks; the config declares no layer count to check them against"
+    calls = {trace.calls.get(u[0], 0) for units in stacks.values() for u in units}
+    if len(calls) == 1 and (runs := calls.pop()) > 1 and found * runs == targets[0]:
+        return (
+            f"{found} stored block(s), each run {runs} times ({targets[0]} layers): shared weights (ALBERT), "
+            "one depth per stored block"
+        )
+    return f"{found} blocks, but the config declares {' or '.join(map(str, targets))} layers"
+
+
+def expected_layers(config: Any) -> list[int]:
+    """Block counts the config allows, most specific first: its own (+ decoder), all sub-configs' (vision,
+    text, audio, ...), both, then the main stack or decoder alone, then any subset of sub-configs (a model may
+    build only some of the towers its config describes).
+
+    Example:
+        >>> expected_layers(T5Config(num_layers=2, num_decoder_layers=3))      # doctest: +SKIP
+        [5, 2, 3]
+    """
+    if config is None:
+        return []
+    own, base, decoder = _own_layers(config)
+    subs = [t for t in map(_total_layers, _sub_configs(config)) if t]
+    total = sum(subs)
+    targets = [own, total, own + total if own and total else None, base, decoder, *_subset_sums(subs)]
+    if not any(targets):  # no usual field: the other layer-count fields, any of them (a class may build fewer)
+        targets += _subset_sums([v for k, v in vars(config).items() if _OTHER_COUNT.fullmatch(k) and type(v) is int])
+    return list(dict.fromkeys(t for t in targets if t))
+
+
+def _subset_sums(counts: list[int]) -> list[int]:
+    """Sums of the non-empty subsets of ``counts`` (at most 6 of them), largest subsets first."""
+    counts = counts[:6]
+    masks = sorted(range(1, 2 ** len(counts)), key=lambda m: -bin(m).count("1"))
+    return [sum(c for i, c in enumerate(counts) if mask >> i & 1) for mask in masks]
+
+
+def _total_layers(config: Any) -> int:
+    """The config's own layers, else the sum over its sub-configs (a PaliGemma inside ColPali), else the sum of
+    its other layer-count fields (VideoPrism's ``num_spatial_layers`` + ``num_temporal_layers``)."""
+    own = _own_layers(config)[0] or sum(map(_total_layers, _sub_configs(config)))
+    return own or sum(v for k, v in vars(config).items() if _OTHER_COUNT.fullmatch(k) and type(v) is int)
+
+
+def _sub_configs(config: Any) -> list[Any]:
+    from transformers import PretrainedConfig
+
+    return [v for v in vars(config).values() if isinstance(v, PretrainedConfig)][:8]
+
+
+def _own_layers(config: Any) -> tuple[int | None, int | None, int | None]:
+    """(all of the config's own layers, the main stack's, the decoder's)."""
+    fields = vars(config)
+    for key in ("depths", "depth"):
+        value = fields.get(key)
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) for v in value):
+            return int(sum(value)), int(sum(value)), None
+    count = None
+    for key in ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "depth"):
+        try:
+            value = getattr(config, key)
+        except AttributeError:
+            continue
+        if isinstance(value, int) and not isinstance(value, bool):
+            count = value
+            break
+    decoder = sum(fields[k] for k in _DECODER_COUNTS if isinstance(fields.get(k), int)) or None
+    if count is None:
+        return decoder, None, decoder
+    return count + (decoder or 0), count, decoder
+
+
+# ---------------------------------------------------------------------------------------------------------
+# path helpers
+
+
+def _is_torch_layer(kind: type) -> bool:
+    return kind.__module__.startswith("torch.nn")
+
+
+def _child(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def inside(path: str, ancestor: str) -> bool:
+    """``path`` is ``ancestor`` or lies below it (``""`` is the root)."""
+    return ancestor == "" or path == ancestor or path.startswith(ancestor + ".")
+
+
+def ancestors(path: str) -> list[str]:
+    """``"a.b.c"`` -> ``["a.b.c", "a.b", "a", ""]``."""
+    parts = path.split(".") if path else []
+    return [".".join(parts[:i]) for i in range(len(parts), -1, -1)]
+
+
+def innermost(paths: list[str]) -> list[str]:
+    """The paths that contain no other path of the list (linear in the list, not quadratic)."""
+    enclosing = {a for q in paths for a in ancestors(q)[1:]}
+    return [p for p in paths if p not in enclosing]
+
+
+def outermost(paths: list[str]) -> list[str]:
+    """The paths that lie inside no other path of the list."""
+    members = set(paths)
+    return [p for p in paths if not any(a in members for a in ancestors(p)[1:])]
