@@ -60,6 +60,15 @@ class LLRDArguments:
             'Example: \'{"^pooler\\\\.": "head"}\'.'
         },
     )
+    depth_source: str = field(
+        default="flow",
+        metadata={
+            "help": "Where depths come from: 'flow' (default: the order in which one forward pass, traced on the meta "
+            "device, first uses each module) or 'structure' (the module tree, llrd 0.1's rule: resume checkpoints "
+            "written by llrd 0.1 with it).",
+            "choices": ["flow", "structure"],
+        },
+    )
     layer_stats: str = field(
         default="grad_norm",
         metadata={
@@ -148,6 +157,8 @@ class LLRDArguments:
     def validate_llrd(self) -> None:
         """Check every LLRD setting; JSON strings of dict settings become dicts."""
         self.layer_decay = check_layer_decay(self.layer_decay, "layer_decay")
+        if self.depth_source not in ("flow", "structure"):
+            raise ValueError(f"depth_source={self.depth_source!r}: use 'flow' (default) or 'structure' (llrd 0.1).")
         if self.layer_stats not in LAYER_STATS_CHOICES:
             raise ValueError(f"layer_stats={self.layer_stats!r}: use one of {', '.join(LAYER_STATS_CHOICES)}.")
         if self.block_pattern is not None:

@@ -71,7 +71,9 @@ def reinit_top_blocks(model: nn.Module, k: int, layer_map: LayerMap, pooler: boo
             "would re-initialise its own shard with its own random stream. Re-initialise before sharding, or use "
             "DDP/DeepSpeed for this run."
         )
-    targets = {b for s in layer_map.stacks.values() for b in (s.blocks[-k:] if k else ())}
+    # every module of the top k blocks (XLM keeps a block in parallel lists: attentions[i], ffns[i], ...)
+    targets = {m for s in layer_map.stacks.values() for block in (s.members or [(b,) for b in s.blocks])[-k:] if k
+               for m in block}  # fmt: skip
     if pooler:
         targets |= {normalize_name(n) for n, _ in model.named_modules() if n.rpartition(".")[2] == "pooler"}
     done: list[str] = []

@@ -98,8 +98,12 @@ class LLRDMixin:
     def llrd_layer_map(self, module: nn.Module) -> LayerMap:
         """:func:`llrd.layer_ids` of ``module`` under these settings (computed once per module)."""
         if self._llrd_map_cache is None or self._llrd_map_cache[0] is not module:
+            settings = self.llrd_args
             layer_map = layer_ids(
-                module, block_pattern=self.llrd_args.block_pattern, depth_overrides=self.llrd_args.depth_overrides
+                module,
+                block_pattern=settings.block_pattern,
+                depth_overrides=settings.depth_overrides,
+                depth_source=settings.depth_source,
             )
             self._llrd_map_cache = (module, layer_map)
         return self._llrd_map_cache[1]

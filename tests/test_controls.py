@@ -382,3 +382,16 @@ def test_optuna_search_rebuilds_groups_every_trial(tmp_out):
     assert sorted((d, lr) for d, lr, _ in seen.trials) == sorted(space)
     for decay, lr, group_lrs in seen.trials:
         assert group_lrs == pytest.approx([lr * decay ** (k // 2) for k in range(8)], rel=1e-12)
+
+
+def test_reinit_covers_every_module_of_a_block_in_parallel_lists():
+    """XLM keeps block i in parallel lists (attentions[i], ffns[i], layer_norm1[i], layer_norm2[i])."""
+    from llrd.controls import reinit_top_blocks
+
+    torch.manual_seed(0)
+    model = tf.XLMForSequenceClassification(tf.XLMConfig(vocab_size=99, emb_dim=32, n_layers=3, n_heads=2))
+    done = reinit_top_blocks(model, 1, layer_ids(model), pooler=False)
+    modules = {n.rsplit(".", 1)[0].rsplit(".", 1)[0] if "lin" in n else n.rsplit(".", 1)[0] for n in done}
+    assert {m.split(".")[1] + "." + m.split(".")[2] for m in modules} == {
+        "attentions.2", "ffns.2", "layer_norm1.2", "layer_norm2.2"
+    }  # fmt: skip
