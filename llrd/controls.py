@@ -181,6 +181,12 @@ class GradualUnfreezer:
         logger.info("gradual unfreezing: stage %d at step %d, %d tensors frozen", stage, state.global_step, len(frozen))
 
     def on_train_begin(self, ctx, args, state, **kwargs) -> None:
+        if getattr(ctx, "offload", False):
+            raise ValueError(
+                f"gradual_unfreeze_every={self.every}: under DeepSpeed ZeRO-Offload the optimizer keeps each group's "
+                "gradient as a persistent CPU buffer, so frozen depths cannot be kept out of the update. Turn "
+                "offload_optimizer off for this run, or train without gradual unfreezing."
+            )
         self.drop_grads = ctx.engine != "torch" or args.world_size > 1
         self.stage = -1
         self._apply(state)

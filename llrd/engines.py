@@ -140,9 +140,10 @@ class StepContext:
 
     def grad_sq(self) -> dict[str, float]:
         """Per depth key, the squared norm of the gradients as the optimizer will use them (after clipping),
-        over all ranks. Computed once per step."""
+        over all ranks. Computed once per step. Depths without gradient (frozen, or never used by the forward)
+        are left out: every engine reports the same keys, although ZeRO cannot tell "no gradient" from zeros."""
         if self._grad_sq is None:
-            self._grad_sq = self._compute_grad_sq()
+            self._grad_sq = {k: v for k, v in self._compute_grad_sq().items() if v > 0}
         return self._grad_sq
 
     def _compute_grad_sq(self) -> dict[str, float]:
@@ -193,6 +194,8 @@ class ZeroStepContext(StepContext):
         super().__init__(optimizer, key_of, group_key)
         self.zero = _zero_optimizer(optimizer)
         self.stage = zero_stage(optimizer)
+        # ZeRO-Offload keeps the partitioned gradients in the fp32 partitions' .grad, not in averaged_gradients
+        self.offload = bool(getattr(self.zero, "cpu_offload", False) or getattr(self.zero, "offload_optimizer", False))
         self.group_of_slot = self._slots()
         self._pre_clip: list[float] | None = None
         self.skip_groups: set[int] = set()
@@ -204,7 +207,28 @@ class ZeroStepContext(StepContext):
             return dict(self.zero.sub_group_to_group_id)
         return {i: i for i in range(len(self.groups))}
 
+    def _fp32_partition(self, slot: int) -> torch.Tensor:
+        if self.stage == 3:
+            return self.zero.fp32_partitioned_groups_flat[slot]
+        return self.zero.single_partition_of_fp32_groups[slot]
+
+    def _real_pieces(self, slot: int, flat: torch.Tensor) -> list[torch.Tensor]:
+        """A ZeRO-3 flat partition cut into its parameters' pieces, without the last rank's padding."""
+        pieces, offset = [], 0
+        for part, pad in zip(self.zero.fp16_partitioned_groups[slot], self.zero.groups_padding[slot], strict=True):
+            pieces.append(flat.narrow(0, offset, part.numel() - pad))
+            offset += part.numel()
+        return pieces
+
     def _slot_grads(self, slot: int, real_only: bool = True) -> list[torch.Tensor]:
+        if self.offload:
+            wait = getattr(self.zero, "_wait_for_offload_copies", None)
+            if wait is not None:
+                wait()
+            grad = self._fp32_partition(slot).grad
+            if grad is None:
+                return []
+            return self._real_pieces(slot, grad) if self.stage == 3 and real_only else [grad]
         grads = self.zero.averaged_gradients.get(slot)
         if grads is None:
             return []
@@ -217,12 +241,8 @@ class ZeroStepContext(StepContext):
     def _slot_weights(self, slot: int) -> list[torch.Tensor]:
         """This rank's fp32 master weights of a slot, without ZeRO-3's padding (it is never written: garbage)."""
         if self.stage != 3:
-            return [self.zero.single_partition_of_fp32_groups[slot].detach()]  # stage 1/2 pads with zeros
-        flat, pieces, offset = self.zero.fp32_partitioned_groups_flat[slot].detach(), [], 0
-        for part, pad in zip(self.zero.fp16_partitioned_groups[slot], self.zero.groups_padding[slot], strict=True):
-            pieces.append(flat.narrow(0, offset, part.numel() - pad))
-            offset += part.numel()
-        return pieces
+            return [self._fp32_partition(slot).detach()]  # stage 1/2 pads with zeros
+        return self._real_pieces(slot, self._fp32_partition(slot).detach())
 
     def new_step(self, state) -> None:
         super().new_step(state)

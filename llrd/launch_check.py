@@ -54,7 +54,7 @@ class RateCheck(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         self.done, self._steps, self._seen = False, 0, {}
         self._remove()
-        if optimizer is not None:
+        if optimizer is not None and self.trainer.llrd_args.changes_rates:  # else there are no per-layer rates
             self._hook = innermost_optimizer(optimizer).register_step_pre_hook(self._record)
 
     def _record(self, optimizer, args, kwargs) -> None:

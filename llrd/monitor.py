@@ -21,12 +21,15 @@ Levels (``layer_stats``), each including the one before:
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import torch
 from transformers import TrainerControl
 from transformers.trainer_callback import DefaultFlowCallback
 from transformers.trainer_utils import IntervalStrategy
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["LayerMonitor", "LAYER_STATS_CHOICES", "logs_after_this_step", "depth_key"]
 
@@ -96,6 +99,11 @@ class LayerMonitor:
     def on_train_begin(self, ctx, args, state, train_dataloader=None, **kwargs) -> None:
         self.args = args
         self.steps_per_epoch = steps_per_epoch(args, train_dataloader) if train_dataloader is not None else None
+        if self.steps_per_epoch is None and args.logging_strategy == IntervalStrategy.EPOCH:
+            logger.warning(
+                "logging_strategy='epoch' with a dataset without a length: the end of an epoch is not known before "
+                "its last step, so per-depth statistics come only with the last log. Log by steps to see them all."
+            )
 
     def before_step(self, ctx) -> None:
         if not logs_after_this_step(self.args, ctx.state, self.steps_per_epoch):

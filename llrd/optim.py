@@ -51,10 +51,11 @@ def apply_rate_mapping(
     """Give the parameters whose name matches a regex of ``mapping`` exactly that absolute rate.
 
     This is the meaning of sentence-transformers' ``learning_rate_mapping``: a matched parameter leaves its
-    depth's group for a group of its own at that rate (``lr_scale = rate / lr``, so the scheduler still
-    moves it with the rest); the first matching regex wins; a regex that matches nothing is an error, as it is
-    in sentence-transformers. Names are searched in the raw names of the optimized module (the loss module for
-    sentence-transformers) and in the clean names.
+    depth's group for a group of its own at that rate (``lr_scale = rate / lr``, so the scheduler still moves it
+    with the rest), one such group per depth, so that what acts per depth (gradual unfreezing, adaptive rates,
+    per-depth norms) still applies to it. The first matching regex wins; a regex that matches nothing is an
+    error, as it is in sentence-transformers. Names are searched in the raw names of the optimized module (the
+    loss module for sentence-transformers) and in the clean names.
 
     Example:
         >>> apply_rate_mapping(groups, {r"\\.classifier\\.": 1e-3}, 1e-4, layer_map)   # doctest: +SKIP
@@ -64,7 +65,7 @@ def apply_rate_mapping(
     raw_of = {clean: raw for raw, clean in layer_map.raw_names.items()}
     rules = [(re.compile(rx), float(rate), rx) for rx, rate in mapping.items()]
     used: set[str] = set()
-    moved: dict[tuple[str, bool], dict[str, Any]] = {}  # (regex, decays) -> its group
+    moved: dict[tuple, dict[str, Any]] = {}  # (regex, stack, depth, decays) -> its group
     kept = []
     for group in groups:
         stay_params, stay_names = [], []
@@ -76,15 +77,16 @@ def apply_rate_mapping(
                 continue
             used.add(rule[2])
             decays = group["weight_decay"] > 0
+            depth = group.get("layer_id")
             target = moved.setdefault(
-                (rule[2], decays),
+                (rule[2], group.get("stack"), depth, decays),
                 {
                     **{k: v for k, v in group.items() if k not in ("params", "param_names")},
                     "params": [],
                     "param_names": [],
                     "lr": rule[1],
                     "lr_scale": rule[1] / lr,
-                    "group_name": f"mapped/{rule[2]}/{'decay' if decays else 'no_decay'}",
+                    "group_name": f"mapped/{rule[2]}/depth_{depth}/{'decay' if decays else 'no_decay'}",
                 },
             )
             target["params"].append(param)

@@ -119,8 +119,27 @@ class LLRDMixin:
 
     # -- training start: settings of this trial, then the model changes -------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        if not isinstance(self.args, LLRDArguments):
+            stray = [name for name in llrd_field_names() if name in vars(self.args)]
+            if stray:
+                raise ValueError(
+                    f"args.{stray[0]}={getattr(self.args, stray[0])!r} is set on a {type(self.args).__name__}, which "
+                    f"has no such field, so it would be ignored: LLRD settings live in trainer.llrd_args. Set "
+                    f"trainer.llrd_args.{stray[0]} instead (after hyperparameter_search, apply the LLRD keys of "
+                    "best.hyperparameters there)."
+                )
         self._llrd_resuming = resume_from_checkpoint not in (None, False)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def hyperparameter_search(self, *args: Any, **kwargs: Any):
+        """Trainer's search; LLRD keys of the hp space may be LLRD settings. Afterwards the LLRD settings are the
+        trainer's own again (not the last trial's): apply the best ones with ``trainer.llrd_args``."""
+        saved = self.llrd_args.llrd_dict()
+        try:
+            return super().hyperparameter_search(*args, **kwargs)
+        finally:
+            for key, value in saved.items():
+                setattr(self.llrd_args, key, value)
 
     def _hp_search_setup(self, trial) -> None:
         """Trainer's trial set-up, for LLRD settings too (they may live outside ``args``); then the model
@@ -202,7 +221,30 @@ class LLRDMixin:
             if not self.llrd_args.changes_rates:
                 logger.warning("layer_decay=1.0: layer-wise decay is off. Set e.g. --layer_decay 0.8.")
             self._llrd_attach(target, layer_map, groups)
+        elif self.llrd_layout is None:
+            self._llrd_adopt(self.llrd_module(self.model if model is None else model))
         return super().create_optimizer(model)  # the optimizer exists: Trainer only applies its wrappers
+
+    def _llrd_adopt(self, target: nn.Module) -> None:
+        """An optimizer passed in: if ``llrd.create_optimizer`` built it, run the stages on its groups too."""
+        from .engines import innermost_optimizer
+
+        groups = innermost_optimizer(self.optimizer).param_groups
+        if all("param_names" in g and "lr_scale" in g for g in groups):
+            layer_map = self.llrd_layer_map(target)
+            self.llrd_layout = layout_of(groups)
+            self._llrd_attach(target, layer_map, groups)
+            return
+        settings = self.llrd_args
+        wanted = [name for name, on in (("adaptive_lr", settings.adaptive_lr),
+                  ("gradual_unfreeze_every", settings.gradual_unfreeze_every > 0),
+                  (f"layer_stats={settings.layer_stats!r}", settings.layer_stats != "none")) if on]  # fmt: skip
+        if wanted:
+            logger.warning(
+                "the optimizer passed in has no LLRD param groups (build it with llrd.create_optimizer), so %s "
+                "cannot act: they are off for this run.",
+                ", ".join(wanted),
+            )
 
     def _llrd_attach(self, target: nn.Module, layer_map: LayerMap, groups: list[dict[str, Any]]) -> None:
         """(Re)attach this run's stages, in order: each sees the gradients and rates the previous one left."""

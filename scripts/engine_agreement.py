@@ -3,10 +3,10 @@
     python scripts/engine_agreement.py [--out scripts/results]
 
 Runs the text recipe 4 steps on a tiny BERT (2 blocks, the MiniLM tokenizer, 64 made-up sentences) under each
-engine, three times: with the default settings (layer_decay 0.5); with every control on (update ratios,
-adaptive rates, gradual unfreezing, clipping at 0.1, weight decay; the only setting ZeRO-1 runs); and with the
-model changes made when training starts (re-initialising the top block, freezing depths below scale 0.2; FSDP2
-refuses the re-init).
+engine (``PLAN``): with the default settings (layer_decay 0.5); with every control on (update ratios, adaptive
+rates, gradual unfreezing, clipping at 0.1, weight decay); with the model changes made when training starts
+(re-initialising the top block, freezing depths below scale 0.2; FSDP2 refuses the re-init); and under
+ZeRO-2/3 with ``offload_optimizer`` (every control but unfreezing, which offload refuses).
 Writes ``OUT/engine_agreement.json`` (and the README table, ``.md``): per engine and setting the largest weight
 difference to DDP, the largest relative difference of a per-depth statistic, whether the per-group rates are
 identical, and the wall time.
@@ -39,6 +39,8 @@ CONFIGS = {
     "zero2": "recipes/accelerate/deepspeed_zero2_cpu.yaml",
     "zero3": "recipes/accelerate/deepspeed_zero3_cpu.yaml",
     "fsdp2": "recipes/accelerate/cpu_2proc.yaml",
+    "zero2_offload": "recipes/accelerate/cpu_2proc.yaml",  # + --deepspeed (offload_optimizer: cpu), see launch()
+    "zero3_offload": "recipes/accelerate/cpu_2proc.yaml",
 }
 LABELS = {
     "ddp": "DDP",
@@ -46,6 +48,8 @@ LABELS = {
     "zero2": "DeepSpeed ZeRO-2",
     "zero3": "DeepSpeed ZeRO-3",
     "fsdp2": "FSDP2",
+    "zero2_offload": "DeepSpeed ZeRO-2",
+    "zero3_offload": "DeepSpeed ZeRO-3",
 }
 SETTINGS = {
     "default": [],
@@ -54,7 +58,15 @@ SETTINGS = {
         "--weight_decay", "0.01",
     ],
     "model_changes": ["--reinit_top_blocks", "1", "--freeze_below_scale", "0.2"],
+    "offload": ["--layer_stats", "all", "--adaptive_lr", "true", "--max_grad_norm", "0.1", "--weight_decay", "0.01"],
 }  # fmt: skip
+# Which engines run which setting (DDP is the reference of each).
+PLAN = {
+    "default": ["zero2", "zero3", "fsdp2"],
+    "features": ["zero1", "zero2", "zero3", "fsdp2"],
+    "model_changes": ["zero2", "zero3"],
+    "offload": ["zero2_offload", "zero3_offload"],
+}
 ENV = {
     "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
     "HOME": os.environ.get("HOME", "/root"),
@@ -67,8 +79,12 @@ ENV = {
     "PYTHONPATH": str(ROOT),
 }
 # Refused at the start of training, with one line: FSDP2 shards the model when it is loaded, so re-initialising
-# would draw each rank's shard from its own random stream.
-REFUSED = {("model_changes", "fsdp2"): "reinit_top_blocks=1: the model's parameters are already sharded"}
+# would draw each rank's shard from its own random stream; ZeRO-Offload keeps gradients in persistent buffers, so
+# frozen depths cannot be kept out of the update.
+REFUSED = {
+    ("model_changes", "fsdp2"): "reinit_top_blocks=1: the model's parameters are already sharded",
+    ("features", "zero2_offload"): "gradual_unfreeze_every=2.0: under DeepSpeed ZeRO-Offload",
+}
 logger = logging.getLogger("engine_agreement")
 
 
@@ -97,6 +113,23 @@ def make_workdir(root: Path) -> Path:
     return root
 
 
+def offload_flags(workdir: Path, engine: str) -> list[str]:
+    """``--deepspeed CONFIG`` with ``offload_optimizer: cpu`` for the ``*_offload`` engines. DeepSpeed insists on
+    its own CPU Adam with offload unless ``zero_force_ds_cpu_optimizer`` is false; LLRD builds args.optim."""
+    if not engine.endswith("_offload"):
+        return []
+    stage = int(engine[4])
+    config = {
+        "zero_optimization": {"stage": stage, "offload_optimizer": {"device": "cpu"}},
+        "zero_force_ds_cpu_optimizer": False,
+        **{k: "auto" for k in ("gradient_accumulation_steps", "gradient_clipping", "train_batch_size")},
+        "train_micro_batch_size_per_gpu": "auto",
+    }
+    path = workdir / f"ds_zero{stage}_offload.json"
+    path.write_text(json.dumps(config))
+    return ["--deepspeed", str(path)]
+
+
 def launch(workdir: Path, engine: str, setting: str, expect_error: str | None = None) -> tuple[Path, float]:
     """Run the text recipe on 2 ranks under ``engine``; return its output folder and wall time.
 
@@ -111,7 +144,7 @@ def launch(workdir: Path, engine: str, setting: str, expect_error: str | None = 
         "--max_steps", "4", "--per_device_train_batch_size", "8", "--logging_steps", "1", "--report_to", "none",
         "--save_strategy", "no", "--use_cpu", "--seed", "0", "--disable_tqdm", "true",
         "--ddp_find_unused_parameters", "false",
-        *(["--fsdp_size", "2"] if engine == "fsdp2" else []), *SETTINGS[setting],
+        *(["--fsdp_size", "2"] if engine == "fsdp2" else []), *offload_flags(workdir, engine), *SETTINGS[setting],
     ]  # fmt: skip
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
@@ -171,6 +204,9 @@ def compare(reference: Path, other: Path) -> dict:
     }
 
 
+OFFLOAD = " + offload"
+
+
 def markdown(report: dict) -> str:
     """The README table of a report."""
     rows = [
@@ -184,8 +220,9 @@ def markdown(report: dict) -> str:
             rows.append(f"| {setting} | DDP | (reference) | — | — | {run['wall_s']:.0f} s |")
             continue
         same = all(run[k] for k in ("same_groups", "same_log_keys", "same_steps", "same_weight_names"))
+        label = LABELS[engine] + (OFFLOAD if engine.endswith("_offload") else "")
         rows.append(
-            f"| {setting} | {LABELS[engine]} | {'yes' if same else 'NO'} | {run['max_weight_abs_diff']:.1e} "
+            f"| {setting} | {label} | {'yes' if same else 'NO'} | {run['max_weight_abs_diff']:.1e} "
             f"| {run['max_stat_rel_diff']:.1e} | {run['wall_s']:.0f} s |"
         )
     return "\n".join(rows) + "\n"
@@ -211,12 +248,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = make_workdir(Path(ns.workdir or tmp))
         report: dict = {"command": "python scripts/engine_agreement.py", "runs": {}}
-        for setting in SETTINGS:
+        for setting, engines in PLAN.items():
             ddp, seconds = launch(workdir, "ddp", setting)
             report["runs"][f"{setting}/ddp"] = {"wall_s": round(seconds, 1)}
-            for engine in ("zero1", "zero2", "zero3", "fsdp2"):
-                if (setting, engine) in REFUSED or (setting != "features" and engine == "zero1"):
-                    continue
+            for engine in engines:
                 out, seconds = launch(workdir, engine, setting)
                 row = {"wall_s": round(seconds, 1), **compare(ddp, out)}
                 report["runs"][f"{setting}/{engine}"] = row

@@ -93,6 +93,7 @@ def test_model_changes_at_train_start_match_ddp(runs, engine):
     assert_same_run(reference, out)
     start, end = weights(runs.workdir / "model"), weights(out)
     assert all(torch.equal(end[k], start[k]) for k in end if k.startswith("bert.embeddings."))  # 0.125 < 0.2: frozen
+
     # 4 Adam steps at lr <= 1e-3 move a weight by at most ~4e-3; a fresh N(0, 0.02) draw moves it much more
     def moved(prefix: str) -> float:
         return max(float((end[k] - start[k]).abs().max()) for k in end if k.startswith(prefix) and "dense.weight" in k)
@@ -101,9 +102,18 @@ def test_model_changes_at_train_start_match_ddp(runs, engine):
     assert moved("bert.encoder.layer.0.") < 0.005  # trained only
 
 
-def test_refused_combination_stops_with_one_line(runs):
-    (setting, engine), message = next(iter(REFUSED.items()))
-    launch(runs.workdir, engine, setting, expect_error=message)
+@pytest.mark.parametrize("engine", ["zero2_offload", "zero3_offload"])
+def test_zero_offload_matches_ddp(runs, engine):
+    """ZeRO-Offload keeps gradients in the fp32 partitions' .grad: norms and adaptive rates must still see them."""
+    out = runs("offload", engine)
+    assert_same_run(runs("offload", "ddp"), out)
+    assert all(h["grad_norm/depth_00"] > 0 and h["lr_factor/depth_00"] > 1 for h in train_logs(out))
+
+
+@pytest.mark.parametrize("case", list(REFUSED), ids=lambda c: "-".join(c))
+def test_refused_combination_stops_with_one_line(runs, case):
+    setting, engine = case
+    launch(runs.workdir, engine, setting, expect_error=REFUSED[case])
 
 
 def test_zero2_sigkill_then_resume_is_bit_for_bit(tmp_path):

@@ -45,13 +45,30 @@ def test_optimizer_passed_through_optimizers_is_caught(tmp_out):
         trainer.train()
 
 
-def test_optimizer_from_llrd_create_optimizer_passes(tmp_out, caplog):
+def test_optimizer_from_llrd_create_optimizer_passes_and_gets_the_stages(tmp_out, caplog):
     model = tiny_models.make("bert")
-    a = make_args(tmp_out, layer_decay=0.5, max_steps=2, lr_scheduler_type="constant")
-    opt = create_optimizer(model, torch.optim.AdamW, {"lr": 1e-3, "weight_decay": 0.01}, layer_decay=0.5)
+    a = make_args(tmp_out, max_steps=2, lr_scheduler_type="constant", adaptive_lr=True, gradual_unfreeze_every=1)
+    opt = create_optimizer(model, torch.optim.AdamW, {"lr": 1e-3}, layer_decay=0.5, per_depth=True)
+    before = model.bert.embeddings.word_embeddings.weight.detach().clone()
+    trainer = LLRDTrainer(model=model, args=a, train_dataset=text_data(8), optimizers=(opt, None))
     with caplog.at_level(logging.INFO, logger="llrd"):
-        LLRDTrainer(model=model, args=a, train_dataset=text_data(8), optimizers=(opt, None)).train()
+        trainer.train()
     assert any("rates verified after step 1: 8 groups" in r.getMessage() for r in caplog.records)
+    assert trainer.llrd_layout is not None  # the resume check knows its layout
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all("lr_factor/depth_03" in h and "grad_norm/depth_03" in h for h in logs)  # adaptive rates, monitor
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight, before)  # still frozen by the unfreezing
+
+
+def test_foreign_optimizer_says_the_step_time_features_are_off(tmp_out, caplog):
+    model = tiny_models.make("bert")
+    a = make_args(tmp_out, max_steps=1, layer_stats="all")  # layer_decay 1: no rates to verify, but logs asked for
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with caplog.at_level(logging.WARNING, logger="llrd"):
+        LLRDTrainer(model=model, args=a, train_dataset=text_data(8), optimizers=(opt, None)).train()
+    assert any(
+        "has no LLRD param groups" in r.getMessage() and "layer_stats='all'" in r.getMessage() for r in caplog.records
+    )
 
 
 class EagerTrainer(LLRDTrainer):

@@ -219,6 +219,10 @@ def test_hyperparameter_search_over_settings_outside_args(tmp_path, caplog):
     assert [lr for lr, _ in got] == [1e-3, 2e-3]
     for (lr, group_lrs), decay in zip(got, [0.5, 0.25], strict=True):
         assert group_lrs == pytest.approx([lr * decay ** (k // 2) for k in range(8)], rel=1e-12)
+    assert trainer.llrd_args.layer_decay == 0.9  # the trainer's own settings again, not the last trial's
+    trainer.args.layer_decay = 0.25  # the usual way to apply best.hyperparameters, but args has no such field
+    with pytest.raises(ValueError, match=r"args.layer_decay=0.25 is set on a TrainingArguments.*trainer.llrd_args"):
+        trainer.train()
 
 
 def _lora_llama_step(tmp_path, batch, accumulation):
