@@ -39,8 +39,8 @@ CONFIGS = {
     "zero2": "recipes/accelerate/deepspeed_zero2_cpu.yaml",
     "zero3": "recipes/accelerate/deepspeed_zero3_cpu.yaml",
     "fsdp2": "recipes/accelerate/cpu_2proc.yaml",
-    "zero2_offload": "recipes/accelerate/cpu_2proc.yaml",  # + --deepspeed (offload_optimizer: cpu), see launch()
-    "zero3_offload": "recipes/accelerate/cpu_2proc.yaml",
+    "zero2_offload": None,  # written by offload_config(): the shipped CPU config with offload_optimizer on
+    "zero3_offload": None,
 }
 LABELS = {
     "ddp": "DDP",
@@ -113,21 +113,22 @@ def make_workdir(root: Path) -> Path:
     return root
 
 
-def offload_flags(workdir: Path, engine: str) -> list[str]:
-    """``--deepspeed CONFIG`` with ``offload_optimizer: cpu`` for the ``*_offload`` engines. DeepSpeed insists on
-    its own CPU Adam with offload unless ``zero_force_ds_cpu_optimizer`` is false; LLRD builds args.optim."""
-    if not engine.endswith("_offload"):
-        return []
+def offload_config(workdir: Path, engine: str) -> str:
+    """An accelerate config for the ``*_offload`` engines: ``deepspeed_zero{2,3}_cpu.yaml`` with a DeepSpeed config
+    that has ``offload_optimizer: cpu``. DeepSpeed insists on its own CPU Adam with offload unless
+    ``zero_force_ds_cpu_optimizer`` is false; LLRD builds args.optim."""
+    import yaml
+
     stage = int(engine[4])
-    config = {
-        "zero_optimization": {"stage": stage, "offload_optimizer": {"device": "cpu"}},
-        "zero_force_ds_cpu_optimizer": False,
-        **{k: "auto" for k in ("gradient_accumulation_steps", "gradient_clipping", "train_batch_size")},
-        "train_micro_batch_size_per_gpu": "auto",
-    }
-    path = workdir / f"ds_zero{stage}_offload.json"
-    path.write_text(json.dumps(config))
-    return ["--deepspeed", str(path)]
+    config = json.loads((ROOT / f"recipes/accelerate/ds_zero{stage}.json").read_text())
+    config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    config["zero_force_ds_cpu_optimizer"] = False
+    (workdir / f"ds_zero{stage}_offload.json").write_text(json.dumps(config))
+    launcher = yaml.safe_load((ROOT / CONFIGS[f"zero{stage}"]).read_text())
+    launcher["deepspeed_config"]["deepspeed_config_file"] = str(workdir / f"ds_zero{stage}_offload.json")
+    path = workdir / f"deepspeed_zero{stage}_offload_cpu.yaml"
+    path.write_text(yaml.safe_dump(launcher))
+    return str(path)
 
 
 def launch(workdir: Path, engine: str, setting: str, expect_error: str | None = None) -> tuple[Path, float]:
@@ -137,14 +138,15 @@ def launch(workdir: Path, engine: str, setting: str, expect_error: str | None = 
     out = workdir / f"{setting}-{engine}"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [
-        str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", CONFIGS[engine],
+        str(Path(sys.executable).parent / "accelerate"), "launch",
+        "--config_file", CONFIGS[engine] or offload_config(workdir, engine),
         "--main_process_port", str(free_port()), "recipes/text_classification.py",
         "--model_name_or_path", str(workdir / "model"), "--train_file", str(workdir / "train.csv"),
         "--max_seq_length", "16", "--output_dir", str(out), "--layer_decay", "0.5", "--learning_rate", "1e-3",
         "--max_steps", "4", "--per_device_train_batch_size", "8", "--logging_steps", "1", "--report_to", "none",
         "--save_strategy", "no", "--use_cpu", "--seed", "0", "--disable_tqdm", "true",
         "--ddp_find_unused_parameters", "false",
-        *(["--fsdp_size", "2"] if engine == "fsdp2" else []), *offload_flags(workdir, engine), *SETTINGS[setting],
+        *(["--fsdp_size", "2"] if engine == "fsdp2" else []), *SETTINGS[setting],
     ]  # fmt: skip
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
