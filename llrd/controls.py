@@ -72,6 +72,12 @@ def reinit_top_blocks(model: nn.Module, k: int, layer_map: LayerMap, pooler: boo
             "DDP/DeepSpeed for this run."
         )
     # every module of the top k blocks (XLM keeps a block in parallel lists: attentions[i], ffns[i], ...)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad and _in_top_blocks(n, layer_map, k)]
+    if frozen:
+        raise ValueError(
+            f"reinit_top_blocks={k}: {len(frozen)} parameters of the top blocks are frozen (e.g. {frozen[0]!r}; a PEFT "
+            "base model?), so re-initialised they could never train. Re-initialise before wrapping, or unfreeze them."
+        )
     targets = {m for s in layer_map.stacks.values() for block in (s.members or [(b,) for b in s.blocks])[-k:] if k
                for m in block}  # fmt: skip
     if pooler:
@@ -88,6 +94,11 @@ def reinit_top_blocks(model: nn.Module, k: int, layer_map: LayerMap, pooler: boo
                 done += [f"{clean}.{n}" for n, _ in module.named_parameters()]
     logger.info("re-initialised %d tensors: %s", len(done), sorted(targets))
     return done
+
+
+def _in_top_blocks(raw: str, layer_map: LayerMap, k: int) -> bool:
+    info = layer_map.info(raw)
+    return k > 0 and info.num_layers - k < info.depth <= info.num_layers
 
 
 def _forget_initialized(module: nn.Module) -> None:

@@ -90,6 +90,19 @@ def _is_sharded(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor) and any(p.is_shard() for p in tensor.placements)
 
 
+def _refuse_multi_dim_meshes(params: Iterable[torch.Tensor]) -> None:
+    """Per-depth sums are reduced over the whole world: right for a 1-D mesh only."""
+    from torch.distributed.tensor import DTensor
+
+    for param in params:
+        if isinstance(param, DTensor) and param.device_mesh.ndim > 1:
+            raise ValueError(
+                f"a parameter is a DTensor on a {param.device_mesh.ndim}-D device mesh (HSDP, tensor or expert "
+                "parallelism): llrd reduces per-depth norms over one data-parallel dimension only. Use FSDP2 on a "
+                "1-D mesh, DDP or DeepSpeed ZeRO, or layer_stats='lr' without adaptive rates or gradual unfreezing."
+            )
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
@@ -118,6 +131,7 @@ class StepContext:
     def __init__(self, optimizer: Any, key_of: dict[str, str], group_key: Callable[[dict], str]):
         self.optimizer = optimizer
         self.groups: list[dict] = innermost_optimizer(optimizer).param_groups
+        _refuse_multi_dim_meshes(p for g in self.groups for p in g["params"])
         self.key_of = key_of
         self.group_key = group_key
         self.state = None
@@ -261,6 +275,8 @@ class ZeroStepContext(StepContext):
         return self._pre_clip
 
     def _compute_grad_sq(self) -> dict[str, float]:
+        if any(g.get("layer_id") is None for g in self.groups):
+            return {}  # Trainer's two groups (layer_decay 1): a flat partition mixes every depth
         per_group = self.pre_clip_group_sq()
         clip = float(getattr(self.zero, "clip_grad", 0.0) or 0.0)
         total = math.sqrt(sum(per_group))
@@ -291,6 +307,8 @@ class ZeroStepContext(StepContext):
 
     def weights(self) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]:
         buckets: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
+        if any(g.get("layer_id") is None for g in self.groups):
+            return buckets
         for slot, group in self.group_of_slot.items():
             buckets[self.group_key(self.groups[group])][0].extend(self._slot_weights(slot))
         return buckets
@@ -335,10 +353,29 @@ class StepDriver(TrainerCallback):
         if _zero_optimizer(optimizer) is not None:
             self.ctx = ZeroStepContext(optimizer, self.key_of, self.group_key)
             self._wrap_zero_step(self.ctx.zero, state)
+        elif getattr(args, "deepspeed", None) or type(optimizer).__name__ == "DeepSpeedOptimizerWrapper":
+            self._without_step_access(innermost_optimizer(optimizer))
         else:
             self.ctx = StepContext(optimizer, self.key_of, self.group_key)
         self.ctx.new_step(state)
         self._call("on_train_begin", args, state, train_dataloader=kwargs.get("train_dataloader"))
+
+    def _without_step_access(self, inner: Any) -> None:
+        """DeepSpeed without a ZeRO-1/2/3 optimizer (stage 0, its BF16_Optimizer): the step runs inside backward,
+        where nothing can reach it. Refuse what must act there; the monitor keeps only the rates."""
+        what = f"DeepSpeed's {type(inner).__name__} (no ZeRO-1/2/3 optimizer)"
+        for stage in self.stages:
+            if type(stage).__name__ in ("GradualUnfreezer", "AdaptiveLayerLR"):
+                setting = "gradual_unfreeze_every" if type(stage).__name__ == "GradualUnfreezer" else "adaptive_lr"
+                raise ValueError(
+                    f"{setting} needs to act between backward and the optimizer step, which {what} runs inside "
+                    "backward out of reach. Use ZeRO stage 1, 2 or 3, DDP or FSDP2 for this run."
+                )
+            if getattr(stage, "level", "lr") != "lr":
+                logger.warning("layer_stats=%r under %s: per-depth gradients are out of reach, logging rates only.",
+                               stage.level, what)  # fmt: skip
+                stage.level = "lr"
+        self.ctx = StepContext(inner, self.key_of, self.group_key)  # rates only, read at Trainer's step callbacks
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.ctx is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -75,7 +76,7 @@ class LLRDMixin:
         self._llrd_driver: StepDriver | None = None
         self._llrd_adaptive: AdaptiveLayerLR | None = None
         self._llrd_resuming = False
-        self._llrd_reinitialised: set[int] = set()
+        self._llrd_reinitialised: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models re-initialised once
         super().__init__(*args, **kwargs)
         if isinstance(self.args, LLRDArguments):
             self.llrd_args = self.args
@@ -186,9 +187,9 @@ class LLRDMixin:
         target = self.llrd_module(self.model)
         layer_map = self.llrd_layer_map(target)
         k = self.llrd_args.reinit_top_blocks
-        if k and not self._llrd_resuming and id(self.model) not in self._llrd_reinitialised:
+        if k and not self._llrd_resuming and self.model not in self._llrd_reinitialised:
             reinit_top_blocks(target, k, layer_map, self.llrd_args.reinit_pooler)
-            self._llrd_reinitialised.add(id(self.model))
+            self._llrd_reinitialised.add(self.model)
         elif k and self._llrd_resuming:
             logger.info("reinit_top_blocks=%d: resuming, so the checkpoint's weights are kept", k)
         freeze_below_scale(target, layer_map, self.llrd_args.scaling())
@@ -209,7 +210,7 @@ class LLRDMixin:
                 mapping = getattr(self.args, "learning_rate_mapping", None)
             layer_map = self.llrd_layer_map(target)
             options = self.llrd_args.group_kwargs(self.args.learning_rate, self.args.weight_decay)
-            if self.is_deepspeed_enabled and self.llrd_args.layer_stats not in ("none", "lr"):
+            if self.is_deepspeed_enabled and self.llrd_args.changes_rates:
                 options["per_depth"] = True  # ZeRO flattens each group: per-depth norms need per-depth groups
             groups = param_groups(target, layer_map=layer_map, decay_names=self.get_decay_parameter_names, **options)
             groups = apply_rate_mapping(groups, mapping, self.args.learning_rate, layer_map)
@@ -229,21 +230,27 @@ class LLRDMixin:
         """An optimizer passed in: if ``llrd.create_optimizer`` built it, run the stages on its groups too."""
         from .engines import innermost_optimizer
 
-        groups = innermost_optimizer(self.optimizer).param_groups
+        groups = getattr(innermost_optimizer(self.optimizer), "param_groups", None)
+        if groups is None:  # DeepSpeed's DummyOptim (a config `optimizer` section): the launch check reports it
+            return
         if all("param_names" in g and "lr_scale" in g for g in groups):
             layer_map = self.llrd_layer_map(target)
             self.llrd_layout = layout_of(groups)
             self._llrd_attach(target, layer_map, groups)
             return
         settings = self.llrd_args
-        wanted = [name for name, on in (("adaptive_lr", settings.adaptive_lr),
-                  ("gradual_unfreeze_every", settings.gradual_unfreeze_every > 0),
-                  (f"layer_stats={settings.layer_stats!r}", settings.layer_stats != "none")) if on]  # fmt: skip
-        if wanted:
+        controls = [name for name, on in (("adaptive_lr", settings.adaptive_lr),
+                    ("gradual_unfreeze_every", settings.gradual_unfreeze_every > 0)) if on]  # fmt: skip
+        if controls:
+            raise ValueError(
+                f"{' and '.join(controls)} need LLRD's per-depth param groups, and the optimizer passed in has none. "
+                "Build it with llrd.create_optimizer(model, ...) or let the trainer build it."
+            )
+        if settings.layer_stats != "none":
             logger.warning(
-                "the optimizer passed in has no LLRD param groups (build it with llrd.create_optimizer), so %s "
-                "cannot act: they are off for this run.",
-                ", ".join(wanted),
+                "the optimizer passed in has no LLRD param groups (build it with llrd.create_optimizer), so "
+                "layer_stats=%r cannot log per depth: off for this run.",
+                settings.layer_stats,
             )
 
     def _llrd_attach(self, target: nn.Module, layer_map: LayerMap, groups: list[dict[str, Any]]) -> None:
@@ -283,6 +290,13 @@ class LLRDMixin:
         if self._llrd_driver is not None:
             self._llrd_driver.before_clip()
         return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """Without clipping, Trainer still takes the norm it logs here: after ``before_clip`` too, so the logged
+        norm leaves frozen depths out whether or not clipping is on."""
+        if grad_norm is None and self._llrd_driver is not None:
+            self._llrd_driver.before_clip()
+        return super()._get_grad_norm(model, grad_norm)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """Before Trainer loads optimizer/scheduler state, check the checkpoint's group layout is ours."""

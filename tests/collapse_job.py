@@ -3,9 +3,9 @@
     torchrun --nproc_per_node 1 tests/collapse_job.py OUT CAUSE
 
 CAUSE: ``ds_scheduler`` (a DeepSpeed scheduler with one warmup_max_lr) or ``ds_optimizer`` (a DeepSpeed
-``optimizer`` section). Both are refused by llrd's guards when they sit in a config file; here the config is
+``optimizer`` section): both are refused by llrd's guards when they sit in a config file; here the config is
 built in code and the guard is switched off, as for anything no guard can see. The run must stop at the first
-step with the launch check's error.
+step with the launch check's error. ``ds_stage0``: DeepSpeed without ZeRO and adaptive rates, refused at start.
 """
 
 from __future__ import annotations
@@ -34,12 +34,16 @@ def main() -> None:
         "gradient_clipping": "auto",
         "train_batch_size": "auto",
     }
-    if cause == "ds_scheduler":
+    extra = {}
+    if cause == "ds_stage0":
+        config["zero_optimization"] = {"stage": 0}
+        extra = {"adaptive_lr": True}
+    elif cause == "ds_scheduler":
         config["scheduler"] = {
             "type": "WarmupLR",
             "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto"},
         }
-    else:
+    elif cause == "ds_optimizer":
         config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}}
         config["zero_force_ds_cpu_optimizer"] = False
     llrd.trainer.check_distributed_setup = lambda args: None  # what no config guard can see
@@ -47,7 +51,9 @@ def main() -> None:
         out, learning_rate=1e-3, max_steps=3, per_device_train_batch_size=4, use_cpu=True, report_to="none",
         save_strategy="no", logging_steps=1, disable_tqdm=True, deepspeed=config,
     )  # fmt: skip
-    LLRDTrainer(model=tiny_models.make("bert"), args=args, train_dataset=text_data(16), layer_decay=0.5).train()
+    LLRDTrainer(
+        model=tiny_models.make("bert"), args=args, train_dataset=text_data(16), layer_decay=0.5, **extra
+    ).train()
 
 
 if __name__ == "__main__":

@@ -120,8 +120,23 @@ def test_deepspeed_collapses_are_caught(cause, message, tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     torchrun = str(Path(sys.executable).parent / "torchrun")
     proc = subprocess.run(
-        [torchrun, "--nproc_per_node", "1", "--master_port", "0", "tests/collapse_job.py", str(tmp_path), cause],
+        [torchrun, "--standalone", "--nproc_per_node", "1", "tests/collapse_job.py", str(tmp_path), cause],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode != 0
     assert "llrd.launch_check.RatesCollapsed" in proc.stderr and message in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_deepspeed_without_zero_refuses_step_time_controls(tmp_path):
+    """ZeRO stage 0: the engine steps inside backward, where adaptive rates cannot act: refused with one line."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "1", "tests/collapse_job.py", str(tmp_path), "ds_stage0"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "ValueError: adaptive_lr needs to act between backward and the optimizer step" in proc.stderr, proc.stderr[
+        -3000:
+    ]
