@@ -1,6 +1,6 @@
 """How closely DeepSpeed ZeRO-1/2/3 and FSDP2 reproduce a DDP run of the text recipe, on 2 CPU ranks (gloo).
 
-    python scripts/engine_agreement.py [--out scripts/results]
+    python scripts/engine_agreement.py --update-readme [--out scripts/results]
 
 Runs the text recipe 4 steps on a tiny BERT (2 blocks, the MiniLM tokenizer, 64 made-up sentences) under each
 engine (``PLAN``): with the default settings (layer_decay 0.5); with every control on (update ratios, adaptive
@@ -207,6 +207,14 @@ def compare(reference: Path, other: Path) -> dict:
 
 
 OFFLOAD = " + offload"
+README_START, README_END = "<!-- engine_agreement: start -->", "<!-- engine_agreement: end -->"
+
+
+def update_readme(md: str, readme: Path = ROOT / "README.md") -> None:
+    """Replace the README's generated table (between the two markers) with this one."""
+    head, rest = readme.read_text().split(README_START)
+    tail = rest.split(README_END)[1]
+    readme.write_text(f"{head}{README_START}\n{md}{README_END}{tail}")
 
 
 def markdown(report: dict) -> str:
@@ -235,6 +243,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "scripts" / "results"))
     p.add_argument("--workdir", default=None, help="keep the runs here (default: a temporary folder)")
     p.add_argument("--table", action="store_true", help="only rewrite the .md table from OUT/engine_agreement.json")
+    p.add_argument("--update-readme", action="store_true", help="write the table into README.md too")
     ns = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import tempfile
@@ -245,6 +254,10 @@ def main() -> None:
     if ns.table:
         report = json.loads((out / "engine_agreement.json").read_text())
         atomic_write_text(out / "engine_agreement.md", markdown(report))
+    if ns.update_readme:
+        update_readme(markdown(report))
+        if ns.update_readme:
+            update_readme(markdown(report))
         return
 
     with tempfile.TemporaryDirectory() as tmp:
