@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llrd.manifest import atomic_write_text
+from llrd.files import atomic_write_text
 
 logger = logging.getLogger("llrd.recipes")
 

@@ -256,7 +256,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
-    from llrd.manifest import atomic_write_text
+    from llrd.files import atomic_write_text
 
     hf_logging.set_verbosity_error()
     ns.out.mkdir(parents=True, exist_ok=True)
