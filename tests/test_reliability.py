@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -18,6 +19,8 @@ from llrd.manifest import check_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "resume_job.py"
+# A bare environment, but the same llrd as this test process (a checkout on PYTHONPATH, not an installed copy).
+PYTHONPATH = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
 
 
 def job(out, mode, *flags):
@@ -26,7 +29,7 @@ def job(out, mode, *flags):
         capture_output=True,
         text=True,
         timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"},
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0", **PYTHONPATH},
     )
 
 
