@@ -1,35 +1,41 @@
-"""``LLRDTrainingArguments``: ``TrainingArguments`` plus the layer-wise decay settings."""
+"""The LLRD settings, as a dataclass of their own and as ``TrainingArguments`` fields.
+
+* :class:`LLRDArguments` holds only the layer-wise settings. Parse it beside any arguments class
+  (``HfArgumentParser((SFTConfig, LLRDArguments))``) and hand it to an :class:`llrd.LLRDMixin` trainer as
+  ``llrd_args=``; the trainer's own ``args`` stay untouched.
+* :class:`LLRDTrainingArguments` is ``TrainingArguments`` with the same fields, for plain ``Trainer`` users and
+  the recipes (``--layer_decay 0.8`` next to ``--learning_rate``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import TrainingArguments
 
-from .groups import check_layer_decay
 from .guards import check_deepspeed_config, check_fsdp, check_launch_environment
 from .monitor import LAYER_STATS_CHOICES
-from .scaling import Scaling
+from .scaling import Scaling, check_layer_decay
 
-__all__ = ["LLRDTrainingArguments"]
+__all__ = ["LLRDArguments", "LLRDTrainingArguments", "llrd_field_names"]
+
+_DICT_FIELDS = ("depth_overrides", "stack_decay", "lr_multipliers")
 
 
 @dataclass
-class LLRDTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` with layer-wise learning-rate decay.
+class LLRDArguments:
+    """Layer-wise learning-rate decay settings, independent of any ``TrainingArguments`` class.
 
-    Every field is a CLI flag through ``HfArgumentParser`` (``--layer_decay 0.8``) and is saved with the
-    other arguments.
+    Every field is a CLI flag through ``HfArgumentParser`` (``--layer_decay 0.8``); dict fields take JSON.
 
     Example:
-        >>> args = LLRDTrainingArguments(output_dir="out", learning_rate=1e-4, layer_decay=0.8)
-        >>> args.layer_decay
+        >>> LLRDArguments(layer_decay=0.8).layer_decay
         0.8
     """
-
-    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["depth_overrides", "stack_decay", "lr_multipliers"]
 
     layer_decay: float = field(
         default=1.0,
@@ -54,7 +60,6 @@ class LLRDTrainingArguments(TrainingArguments):
             'Example: \'{"^pooler\\\\.": "head"}\'.'
         },
     )
-
     layer_stats: str = field(
         default="grad_norm",
         metadata={
@@ -65,7 +70,6 @@ class LLRDTrainingArguments(TrainingArguments):
             "choices": list(LAYER_STATS_CHOICES),
         },
     )
-
     stack_decay: dict | str | None = field(
         default=None,
         metadata={
@@ -114,8 +118,8 @@ class LLRDTrainingArguments(TrainingArguments):
     reinit_top_blocks: int = field(
         default=0,
         metadata={
-            "help": "Re-initialize the top k blocks of every stack before fine-tuning, with the model's "
-            "own _init_weights (Zhang et al. 2021, Revisiting Few-sample BERT Fine-tuning). 0: off."
+            "help": "Re-initialize the top k blocks of every stack when training starts (never on resume), with "
+            "the model's own _init_weights (Zhang et al. 2021, Revisiting Few-sample BERT Fine-tuning). 0: off."
         },
     )
     reinit_pooler: bool = field(
@@ -128,22 +132,21 @@ class LLRDTrainingArguments(TrainingArguments):
             "multiply each depth's scheduled rate by 1 + log(1 + 1/||g_depth||)."
         },
     )
+    verify_rates: bool = field(
+        default=True,
+        metadata={
+            "help": "After the first optimizer step with non-zero rates, read the rates of the optimizer that really "
+            "stepped and stop with an error if they are not the per-layer rates LLRD built (a DeepSpeed "
+            "scheduler or optimizer, an optimizer passed in, a callback rewriting rates). Costs one read of the "
+            "group dicts on the first steps."
+        },
+    )
 
-    def group_kwargs(self) -> dict:
-        """The ``llrd.param_groups`` keyword arguments these settings mean."""
-        return dict(
-            lr=self.learning_rate,
-            layer_decay=self.layer_decay,
-            weight_decay=self.weight_decay,
-            stack_decay=self.stack_decay,
-            layer_decay_min_scale=self.layer_decay_min_scale,
-            head_lr_scale=self.head_lr_scale,
-            lr_multipliers=self.lr_multipliers,
-            freeze_below_scale=self.freeze_below_scale,
-            per_depth=self.adaptive_lr or self.gradual_unfreeze_every > 0,
-        )
+    def __post_init__(self) -> None:
+        self.validate_llrd()
 
-    def __post_init__(self):
+    def validate_llrd(self) -> None:
+        """Check every LLRD setting; JSON strings of dict settings become dicts."""
         self.layer_decay = check_layer_decay(self.layer_decay, "layer_decay")
         if self.layer_stats not in LAYER_STATS_CHOICES:
             raise ValueError(f"layer_stats={self.layer_stats!r}: use one of {', '.join(LAYER_STATS_CHOICES)}.")
@@ -152,34 +155,115 @@ class LLRDTrainingArguments(TrainingArguments):
                 re.compile(self.block_pattern)
             except re.error as err:
                 raise ValueError(f"block_pattern={self.block_pattern!r} is not a valid regex: {err}") from err
-        if self.layer_decay != 1.0 or self.stack_decay or self.lr_multipliers or self.head_lr_scale != 1.0:
-            self._check_distributed_setup()
-        super().__post_init__()
-        for name in ("depth_overrides", "stack_decay", "lr_multipliers"):
+        for name in _DICT_FIELDS:
             value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as err:
+                    raise ValueError(
+                        f"{name}={value!r} is not JSON; pass an object such as '{{\"regex\": 0.8}}'."
+                    ) from err
+                setattr(self, name, value)
             if value is not None and not isinstance(value, dict):
                 raise ValueError(f"{name}={value!r} is not a dict; pass a JSON object such as '{{\"regex\": 0.8}}'.")
+        if self.gradual_unfreeze_unit not in ("steps", "epochs"):
+            raise ValueError(f"gradual_unfreeze_unit={self.gradual_unfreeze_unit!r}: use 'steps' or 'epochs'.")
         if self.gradual_unfreeze_every < 0 or self.gradual_unfreeze_depths < 1 or self.reinit_top_blocks < 0:
             raise ValueError(
                 f"gradual_unfreeze_every={self.gradual_unfreeze_every} must be >= 0, gradual_unfreeze_depths="
                 f"{self.gradual_unfreeze_depths} >= 1 and reinit_top_blocks={self.reinit_top_blocks} >= 0."
             )
-        Scaling(
+        self.scaling()  # validates the scale settings
+
+    def scaling(self) -> Scaling:
+        """The scale rules these settings mean."""
+        return Scaling(
             self.layer_decay,
             self.stack_decay,
             self.layer_decay_min_scale,
             self.head_lr_scale,
             self.lr_multipliers,
             self.freeze_below_scale,
-        )  # validates the values
+        )
 
-    def _check_distributed_setup(self) -> None:
-        """DeepSpeed optimizer/scheduler sections and FSDP1 flat params would silently drop per-layer rates."""
-        check_launch_environment()
-        check_deepspeed_config(self.deepspeed, "deepspeed")
-        fsdp_config = self.fsdp_config
-        if isinstance(fsdp_config, str) and fsdp_config.startswith("{"):
-            fsdp_config = json.loads(fsdp_config)
-        if self.fsdp and isinstance(fsdp_config, dict):
-            version = fsdp_config.get("version", fsdp_config.get("fsdp_version", 2))
-            check_fsdp(version, fsdp_config.get("use_orig_params", "true"), "fsdp_config")
+    @property
+    def changes_rates(self) -> bool:
+        """Whether these settings give any parameter a rate other than the base one."""
+        return bool(
+            self.layer_decay != 1.0
+            or self.stack_decay
+            or self.lr_multipliers
+            or self.head_lr_scale != 1.0
+            or self.adaptive_lr
+            or self.gradual_unfreeze_every > 0
+        )
+
+    def group_kwargs(self, learning_rate: float, weight_decay: float) -> dict[str, Any]:
+        """The ``llrd.param_groups`` keyword arguments these settings mean."""
+        return dict(
+            lr=learning_rate,
+            layer_decay=self.layer_decay,
+            weight_decay=weight_decay,
+            stack_decay=self.stack_decay,
+            layer_decay_min_scale=self.layer_decay_min_scale,
+            head_lr_scale=self.head_lr_scale,
+            lr_multipliers=self.lr_multipliers,
+            freeze_below_scale=self.freeze_below_scale,
+            per_depth=self.adaptive_lr or self.gradual_unfreeze_every > 0,
+        )
+
+    def llrd_dict(self) -> dict[str, Any]:
+        """Only the LLRD settings, as a plain dict (also of an ``LLRDTrainingArguments``)."""
+        return {name: getattr(self, name) for name in llrd_field_names()}
+
+    def with_llrd(self, **changes: Any) -> LLRDArguments:
+        """A validated :class:`LLRDArguments` with these settings changed; ``self`` is not modified."""
+        return LLRDArguments(**{**self.llrd_dict(), **changes})
+
+
+def llrd_field_names() -> tuple[str, ...]:
+    """Names of the LLRD settings."""
+    return tuple(f.name for f in dataclasses.fields(LLRDArguments))
+
+
+@dataclass
+class LLRDTrainingArguments(LLRDArguments, TrainingArguments):
+    """``TrainingArguments`` with the layer-wise learning-rate decay settings of :class:`LLRDArguments`.
+
+    Every field is a CLI flag through ``HfArgumentParser`` (``--layer_decay 0.8``) and is saved with the
+    other arguments.
+
+    Example:
+        >>> args = LLRDTrainingArguments(output_dir="out", learning_rate=1e-4, layer_decay=0.8)
+        >>> args.layer_decay
+        0.8
+    """
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + list(_DICT_FIELDS)
+
+    def __post_init__(self) -> None:
+        self.validate_llrd()
+        if self.changes_rates:
+            check_distributed_setup(self)
+        TrainingArguments.__post_init__(self)
+
+    def group_kwargs(self, learning_rate: float | None = None, weight_decay: float | None = None) -> dict[str, Any]:
+        """The ``llrd.param_groups`` keyword arguments, with this run's learning rate and weight decay."""
+        return LLRDArguments.group_kwargs(
+            self,
+            self.learning_rate if learning_rate is None else learning_rate,
+            self.weight_decay if weight_decay is None else weight_decay,
+        )
+
+
+def check_distributed_setup(args: TrainingArguments) -> None:
+    """DeepSpeed optimizer/scheduler sections and FSDP1 flat params would silently drop per-layer rates."""
+    check_launch_environment()
+    check_deepspeed_config(getattr(args, "deepspeed", None), "deepspeed")
+    fsdp_config = getattr(args, "fsdp_config", None)
+    if isinstance(fsdp_config, str) and fsdp_config.startswith("{"):
+        fsdp_config = json.loads(fsdp_config)
+    if getattr(args, "fsdp", None) and isinstance(fsdp_config, dict):
+        version = fsdp_config.get("version", fsdp_config.get("fsdp_version", 2))
+        check_fsdp(version, fsdp_config.get("use_orig_params", "true"), "fsdp_config")

@@ -1,9 +1,10 @@
 """Per-depth training signals: learning rate, gradient norm and (opt-in) update-to-weight ratio.
 
-``LayerMonitor`` is a ``TrainerCallback``. On the optimizer steps after which Trainer logs the training loss
-(its own decision: ``logging_strategy``, ``logging_steps``, ``logging_first_step``), it reads each depth's
-learning rate and gradient norm just before ``optimizer.step()``; ``LLRDTrainer.log`` adds them to Trainer's
-normal logs, so they reach TensorBoard, W&B, MLflow, ... through ``report_to``. Other steps cost nothing.
+``LayerMonitor`` is a stage of :class:`llrd.engines.StepDriver`. On the optimizer steps after which Trainer
+logs the training loss (its own decision: ``logging_strategy``, ``logging_steps``, ``logging_first_step``), it
+reads each depth's learning rate and gradient norm right before the update, wherever the engine makes it
+(Trainer's loop, or inside DeepSpeed's step); ``LLRDMixin.log`` adds them to Trainer's normal logs, so they
+reach TensorBoard, W&B, MLflow, ... through ``report_to``. Other steps cost nothing.
 
 Levels (``layer_stats``), each including the one before:
 
@@ -20,16 +21,14 @@ Levels (``layer_stats``), each including the one before:
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
+import math
 
 import torch
-from transformers import TrainerCallback, TrainerControl
+from transformers import TrainerControl
 from transformers.trainer_callback import DefaultFlowCallback
 from transformers.trainer_utils import IntervalStrategy
 
-from .discovery import LayerMap
-
-__all__ = ["LayerMonitor", "LAYER_STATS_CHOICES", "logs_after_this_step"]
+__all__ = ["LayerMonitor", "LAYER_STATS_CHOICES", "logs_after_this_step", "depth_key"]
 
 #: Per-depth logging levels, each including the previous one (see the module docstring).
 LAYER_STATS_CHOICES = ("none", "lr", "grad_norm", "all")
@@ -67,73 +66,82 @@ def steps_per_epoch(args, train_dataloader) -> int | None:
     return max(batches // accumulation + int(batches % accumulation > 0), 1)
 
 
-class LayerMonitor(TrainerCallback):
-    """Collects per-depth statistics on the steps Trainer logs.
+def depth_key(stack: str, depth: int, several_stacks: bool) -> str:
+    """The log key of a depth: ``depth_03``, or ``encoder/depth_03`` when the model has several stacks."""
+    return (f"{stack}/" if several_stacks else "") + f"depth_{depth:02d}"
+
+
+class LayerMonitor:
+    """Collects per-depth statistics on the steps Trainer logs (a :class:`llrd.engines.StepDriver` stage).
 
     Args:
-        layer_map: depths of the model's parameters (clean names).
         level: ``"lr"``, ``"grad_norm"`` or ``"all"`` (see the module docstring for what each costs).
 
+    Under DDP the gradients are the reduced ones every rank holds; under FSDP2 and DeepSpeed ZeRO the norms
+    are summed over the ranks' shards or partitions, so every engine logs the same numbers.
+
     Example:
-        >>> monitor = LayerMonitor(layer_ids(model), "grad_norm")   # doctest: +SKIP
+        >>> monitor = LayerMonitor("grad_norm")   # doctest: +SKIP
     """
 
-    def __init__(self, layer_map: LayerMap, level: str = "grad_norm"):
+    def __init__(self, level: str = "grad_norm"):
         if level not in LAYER_STATS_CHOICES[1:]:
             raise ValueError(f"layer_stats={level!r}: use one of {LAYER_STATS_CHOICES}.")
         self.level = level
-        several = len(layer_map.stacks) > 1
-        self.key_of = {
-            name: (f"{info.stack}/" if several else "") + f"depth_{info.depth:02d}"
-            for name, info in layer_map.params.items()
-        }
-        self.optimizer = None
         self.steps_per_epoch: int | None = None
+        self.args = None
         self.pending: dict[str, float] = {}
-        self._before: dict[str, list[torch.Tensor]] | None = None
+        self._before: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
 
-    def _buckets(self) -> dict[str, tuple[float, list[torch.Tensor]]]:
-        buckets: dict[str, list] = defaultdict(lambda: [0.0, []])
-        for group in self.optimizer.param_groups:
-            for name, param in zip(group["param_names"], group["params"], strict=True):
-                bucket = buckets[self.key_of[name]]
-                bucket[0] = group["lr"]
-                bucket[1].append(param)
-        return {k: (v[0], v[1]) for k, v in sorted(buckets.items())}
-
-    def on_train_begin(self, args, state, control, optimizer=None, train_dataloader=None, **kwargs):
-        self.optimizer = optimizer
+    def on_train_begin(self, ctx, args, state, train_dataloader=None, **kwargs) -> None:
+        self.args = args
         self.steps_per_epoch = steps_per_epoch(args, train_dataloader) if train_dataloader is not None else None
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.optimizer is None or not logs_after_this_step(args, state, self.steps_per_epoch):
+    def before_step(self, ctx) -> None:
+        if not logs_after_this_step(self.args, ctx.state, self.steps_per_epoch):
+            self._before = None
             return
         stats: dict[str, float] = {}
-        self._before = {} if self.level == "all" else None
-        for key, (lr, params) in self._buckets().items():
-            stats[f"lr/{key}"] = float(lr)
-            if self.level == "lr":
-                continue
-            grads = [p.grad for p in params if p.grad is not None]
-            if grads:
-                stats[f"grad_norm/{key}"] = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
-            if self._before is not None:
-                self._before[key] = [p.detach().clone() for p in params]
-        self.pending = stats
+        for group in ctx.groups:
+            for name in group["param_names"]:
+                stats.setdefault(f"lr/{ctx.key_of[name]}", float(group["lr"]))
+        if self.level != "lr":
+            stats.update({f"grad_norm/{k}": v for k, v in ctx.grad_norms().items()})
+        self._before = None
+        if self.level == "all":
+            self._before = {
+                k: ([t.clone() for t in sh], [t.clone() for t in rep]) for k, (sh, rep) in ctx.weights().items()
+            }
+        self.pending = dict(sorted(stats.items()))
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
+    def after_step(self, ctx) -> None:
         if not self._before:
             return
-        for key, (_, params) in self._buckets().items():
-            before = self._before.get(key)
-            if not before:
-                continue
-            delta = torch._foreach_sub([p.detach() for p in params], before)
-            update = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(delta)))
-            weight = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(before)))
-            self.pending[f"update_ratio/{key}"] = float(update / weight.clamp_min(1e-12))
+        sums: dict[str, list[float]] = {}
+        replicated: dict[str, list[float]] = {}
+        for key, (sharded, plain) in ctx.weights().items():
+            old_sharded, old_plain = self._before[key]
+            sums[key] = [_delta_sq(sharded, old_sharded), _sq(old_sharded)]
+            replicated[key] = [_delta_sq(plain, old_plain), _sq(old_plain)]
+        sums = ctx.reduce(sums, sharded=True)
+        for key in sorted(sums):
+            delta = sums[key][0] + replicated[key][0]
+            weight = sums[key][1] + replicated[key][1]
+            self.pending[f"update_ratio/{key}"] = math.sqrt(delta) / max(math.sqrt(weight), 1e-12)
         self._before = None
 
     def pop(self) -> dict[str, float]:
         stats, self.pending = self.pending, {}
         return stats
+
+
+def _sq(tensors: list[torch.Tensor]) -> float:
+    if not tensors:
+        return 0.0
+    return float(torch.stack(torch._foreach_norm([t.float() for t in tensors])).pow(2).sum())
+
+
+def _delta_sq(now: list[torch.Tensor], before: list[torch.Tensor]) -> float:
+    if not now:
+        return 0.0
+    return _sq(torch._foreach_sub([t.float() for t in now], [t.float() for t in before]))

@@ -32,6 +32,22 @@ class ModelArguments:
     ignore_mismatched_sizes: bool = field(
         default=False, metadata={"help": "Replace a fine-tuned head whose number of classes differs from the data's."}
     )
+    fsdp_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Shard the model with FSDP2 over this many processes when loading it (transformers' "
+            "DistributedConfig); Trainer then trains the DTensor model as it is. The FSDP2 route that also runs on "
+            "CPU (gloo), where accelerate's FSDP plugin is ignored. Launch with torchrun or cpu_2proc.yaml."
+        },
+    )
+
+    def distributed_config(self):
+        """``from_pretrained``'s ``distributed_config`` for ``--fsdp_size``, else ``None``."""
+        if not self.fsdp_size:
+            return None
+        from transformers import DistributedConfig
+
+        return DistributedConfig(fsdp_size=self.fsdp_size)
 
 
 def setup_logging(args) -> None:

@@ -188,6 +188,7 @@ def main():
         config=config,
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
         trust_remote_code=model_args.trust_remote_code,
+        distributed_config=model_args.distributed_config(),
     )
 
     def prepare(split, limit):

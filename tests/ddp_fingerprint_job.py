@@ -29,6 +29,7 @@ class Fingerprint(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         weights = hashlib.sha256()
         for name, p in sorted(model.state_dict().items()):
+            p = p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2 DTensor shard -> the whole tensor
             weights.update(name.encode())
             weights.update(p.detach().cpu().contiguous().float().numpy().tobytes())
         layout = [(g["group_name"], g["initial_lr"], g["param_names"]) for g in optimizer.param_groups]

@@ -178,8 +178,14 @@ def test_reinit_top_block_and_pooler(tmp_out, tmp_path):
     model.save_pretrained(tmp_path / "ckpt")  # loaded weights are flagged as initialised by transformers 5
     model = tf.BertForSequenceClassification.from_pretrained(tmp_path / "ckpt")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = LLRDTrainer(model=model, args=make_args(tmp_out, layer_decay=D, reinit_top_blocks=1))
-    trainer.create_optimizer()
+    trainer = LLRDTrainer(
+        model=model,
+        args=make_args(tmp_out, layer_decay=D, reinit_top_blocks=1, learning_rate=0.0, max_steps=1),
+        train_dataset=text_data(),
+    )
+    trainer.create_optimizer()  # building an optimizer never changes the model
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    trainer.train()  # re-init happens when training starts (lr 0: the step itself moves nothing)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     expected = {n for n in before if n.startswith(("bert.encoder.layer.1.", "bert.pooler."))}
     assert changed == expected
@@ -274,13 +280,46 @@ def test_adaptive_rates_in_bf16(tmp_out):
     assert len(factors) == 4 and all(math.isfinite(f) and f > 1 for f in factors)
 
 
-def test_adaptive_fp16_without_clipping_is_refused(tmp_out):
-    trainer = LLRDTrainer(
-        model=tiny_models.make("bert"), args=make_args(tmp_out, layer_decay=D, adaptive_lr=True, max_grad_norm=0.0)
+class FP16Scaler(TrainerCallback):
+    """Gives accelerate a real fp16 GradScaler on CPU (accelerate only makes one on GPUs)."""
+
+    def __init__(self, trainer):
+        acc = trainer.accelerator
+        acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        acc.state._mixed_precision = "fp16"
+        self.scales = []
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kw):
+        self.scales.append(optimizer.scaler.get_scale())
+
+
+def test_adaptive_rates_see_unscaled_fp16_gradients_without_clipping(tmp_out):
+    """Trainer unscales fp16 gradients through clip_grad_norm_ even with max_grad_norm=0 (it computes the norm it
+    logs), so adaptive rates need no clipping: the factors equal fp32's, not those of 1024x gradients."""
+    reference, _, _ = _adaptive(tmp_out, 4, 1, max_steps=1)
+    model = no_dropout_bert()
+    a = make_args(
+        tmp_out,
+        layer_decay=D,
+        optim="sgd",
+        learning_rate=0.1,
+        max_grad_norm=0.0,
+        per_device_train_batch_size=4,
+        adaptive_lr=True,
+        max_steps=1,
+        logging_steps=1,
     )
-    trainer.args.fp16 = True  # fp16 cannot be set on a CPU machine; the check only reads the flags
-    with pytest.raises(ValueError, match="adaptive_lr with fp16 needs max_grad_norm > 0"):
-        trainer.create_optimizer()
+    trainer = LLRDTrainer(model=model, args=a, train_dataset=text_data(8))
+    scaler = FP16Scaler(trainer)
+    trainer.add_callback(scaler)
+    trainer.train()
+    assert scaler.scales == [1024.0]
+    assert trainer.accelerator.mixed_precision == "fp16"
+    got = {k: v for k, v in trainer.state.log_history[0].items() if k.startswith(("lr_factor/", "grad_norm/"))}
+    want = {k: v for k, v in reference.state.log_history[0].items() if k.startswith(("lr_factor/", "grad_norm/"))}
+    assert got.keys() == want.keys() and len(got) == 8
+    for key in got:
+        assert got[key] == pytest.approx(want[key], rel=2e-2), key  # fp16 autocast vs fp32: close, not 1024x off
 
 
 # ---------------------------------------------------------------- 7. PEFT / LoRA

@@ -14,6 +14,7 @@ from PIL import Image
 from test_trainer import args, text_data
 
 from llrd import LLRDTrainer
+from llrd.monitor import LayerMonitor
 
 ROOT = Path(__file__).resolve().parents[1]
 LR, DECAY = 1e-3, 0.5
@@ -67,7 +68,7 @@ def test_grad_norms_are_the_norms_of_each_depths_gradients(tmp_path):
     trainer.train()
     log = next(h for h in trainer.state.log_history if "loss" in h)
     for depth in range(4):
-        names = [n for n, d in trainer._llrd_layer_map.items() if d == depth]
+        names = [n for n, d in trainer.llrd_layer_map(trainer.model).items() if d == depth]
         expected = torch.linalg.vector_norm(torch.stack([seen[n].norm() for n in names]))
         assert log[f"grad_norm/depth_{depth:02d}"] == pytest.approx(float(expected), rel=1e-6)
 
@@ -91,18 +92,18 @@ class CountComputations(LLRDTrainer):
 
     computed: list[int]
 
-    def _attach_callbacks(self, *a, **kw):
-        super()._attach_callbacks(*a, **kw)
-        monitor, self.computed = self._monitor, []
-        original = monitor.on_pre_optimizer_step
+    def _llrd_attach(self, *a, **kw):
+        super()._llrd_attach(*a, **kw)
+        monitor = next(s for s in self._llrd_driver.stages if isinstance(s, LayerMonitor))
+        original, self.computed = monitor.before_step, []
 
-        def counting(a, state, control, **kw):
+        def counting(ctx):
             monitor.pending = {}
-            original(a, state, control, **kw)
+            original(ctx)
             if monitor.pending:
-                self.computed.append(state.global_step + 1)
+                self.computed.append(ctx.state.global_step + 1)
 
-        monitor.on_pre_optimizer_step = counting
+        monitor.before_step = counting
 
 
 @pytest.mark.parametrize(

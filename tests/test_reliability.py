@@ -33,7 +33,7 @@ def job(out, mode, *flags):
     )
 
 
-@pytest.mark.parametrize("mode", ["plain", "unfreeze", "adaptive"])
+@pytest.mark.parametrize("mode", ["plain", "unfreeze", "adaptive", "reinit"])
 def test_sigkill_then_resume_is_bit_for_bit(tmp_path, mode):
     full = job(tmp_path / "full", mode)
     assert full.returncode == 0, full.stderr[-2000:]

@@ -109,8 +109,9 @@ def test_optimizers_with_their_own_structure_are_refused(tmp_out):
 def test_plain_training_arguments_with_keyword_override(tmp_out):
     plain = TrainingArguments(tmp_out, learning_rate=3e-4, weight_decay=0.1, use_cpu=True, report_to="none")
     trainer = LLRDTrainer(model=tiny_models.make("bert"), args=plain, layer_decay=0.8)
-    assert isinstance(trainer.args, LLRDTrainingArguments)
-    assert (trainer.args.layer_decay, trainer.args.learning_rate, trainer.args.weight_decay) == (0.8, 3e-4, 0.1)
+    assert trainer.args is plain  # never converted: the settings live in trainer.llrd_args
+    assert trainer.llrd_args.layer_decay == 0.8
+    assert (trainer.args.learning_rate, trainer.args.weight_decay) == (3e-4, 0.1)
     assert trainer.create_optimizer().param_groups[-1]["lr"] == pytest.approx(3e-4 * 0.8**3)
     with pytest.raises(ValueError, match="layer_decay=1.5"):
         LLRDTrainer(model=tiny_models.make("bert"), args=plain, layer_decay=1.5)

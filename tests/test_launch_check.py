@@ -1,0 +1,110 @@
+"""The check that the per-layer rates survived the launch: each way they collapse past the config guards."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tiny_models
+import torch
+from test_trainer import args as make_args
+from test_trainer import text_data
+from transformers import Trainer, TrainerCallback
+
+from llrd import LLRDTrainer, create_optimizer
+from llrd.launch_check import RatesCollapsed
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _trainer(tmp_out, cls=LLRDTrainer, **kw):
+    a = make_args(tmp_out, layer_decay=0.5, max_steps=2, lr_scheduler_type="constant")
+    return cls(model=tiny_models.make("bert"), args=a, train_dataset=text_data(8), **kw)
+
+
+def test_passing_check_logs_one_line(tmp_out, caplog):
+    with caplog.at_level(logging.INFO, logger="llrd"):
+        _trainer(tmp_out).train()
+    lines = [r.getMessage() for r in caplog.records if "rates verified" in r.getMessage()]
+    assert lines == [
+        "LLRD rates verified after step 1: 8 groups on AdamW under single process step at 0.000125..0.001, as built."
+    ]
+
+
+def test_optimizer_passed_through_optimizers_is_caught(tmp_out):
+    model = tiny_models.make("bert")
+    a = make_args(tmp_out, layer_decay=0.5, max_steps=2, lr_scheduler_type="constant")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    trainer = LLRDTrainer(model=model, args=a, train_dataset=text_data(8), optimizers=(opt, None))
+    with pytest.raises(RatesCollapsed, match=r"\(AdamW under single process, 1 group\(s\)\) was not built by LLRD: .* "
+                       r"Cause: it was passed through optimizers=\(\.\.\.\)"):  # fmt: skip
+        trainer.train()
+
+
+def test_optimizer_from_llrd_create_optimizer_passes(tmp_out, caplog):
+    model = tiny_models.make("bert")
+    a = make_args(tmp_out, layer_decay=0.5, max_steps=2, lr_scheduler_type="constant")
+    opt = create_optimizer(model, torch.optim.AdamW, {"lr": 1e-3, "weight_decay": 0.01}, layer_decay=0.5)
+    with caplog.at_level(logging.INFO, logger="llrd"):
+        LLRDTrainer(model=model, args=a, train_dataset=text_data(8), optimizers=(opt, None)).train()
+    assert any("rates verified after step 1: 8 groups" in r.getMessage() for r in caplog.records)
+
+
+class EagerTrainer(LLRDTrainer):
+    """A subclass that builds Trainer's own optimizer in __init__, before LLRD's create_optimizer can run."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.optimizer = Trainer.create_optimizer(self)
+
+
+def test_optimizer_built_eagerly_by_a_subclass_is_caught(tmp_out):
+    with pytest.raises(RatesCollapsed, match=r"2 group\(s\)\) was not built by LLRD.*before LLRD's create_optim"):
+        _trainer(tmp_out, cls=EagerTrainer).train()
+
+
+class Rewriter(TrainerCallback):
+    def on_step_begin(self, args, state, control, optimizer=None, **kw):
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-3
+
+
+def test_callback_rewriting_rates_is_caught(tmp_out):
+    with pytest.raises(RatesCollapsed, match=r"all 8 groups stepped at the same lr 0.001.*most likely a callback "
+                       r"\(callbacks not from transformers or llrd: Rewriter\)"):  # fmt: skip
+        _trainer(tmp_out, callbacks=[Rewriter()]).train()
+
+
+def test_check_can_be_turned_off(tmp_out):
+    a = make_args(tmp_out, layer_decay=0.5, max_steps=2, lr_scheduler_type="constant", verify_rates=False)
+    LLRDTrainer(model=tiny_models.make("bert"), args=a, train_dataset=text_data(8), callbacks=[Rewriter()]).train()
+
+
+def test_warmup_from_zero_is_checked_at_the_first_non_zero_step(tmp_out, caplog):
+    a = make_args(tmp_out, layer_decay=0.5, max_steps=4, warmup_steps=2, lr_scheduler_type="linear")
+    with caplog.at_level(logging.INFO, logger="llrd"):
+        LLRDTrainer(model=tiny_models.make("bert"), args=a, train_dataset=text_data(8)).train()
+    assert any("rates verified after step 2" in r.getMessage() for r in caplog.records)  # step 1 ran at lr 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "cause,message",
+    [
+        ("ds_scheduler", "Cause: a DeepSpeed scheduler (WarmupLR) writes its rates into every group"),
+        ("ds_optimizer", "Cause: the DeepSpeed config has an 'optimizer' section"),
+    ],
+)
+def test_deepspeed_collapses_are_caught(cause, message, tmp_path):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    proc = subprocess.run(
+        [torchrun, "--nproc_per_node", "1", "--master_port", "0", "tests/collapse_job.py", str(tmp_path), cause],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "llrd.launch_check.RatesCollapsed" in proc.stderr and message in proc.stderr, proc.stderr[-3000:]
