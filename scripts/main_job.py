@@ -1,6 +1,6 @@
 """Run the README's main job and record its numbers: metrics, wall time and the machine's load.
 
-    python scripts/main_job.py              # about 6 min on 2 idle CPU cores
+    python scripts/main_job.py     # 52 min with the 2-core machine shared (load 5); see the time in its output
 
 It runs exactly the README's command, ``python recipes/text_classification.py recipes/configs/minilm_sst2.yaml``,
 from the repository root (so the model and metrics land in ``runs/minilm_sst2``, as for a user), and writes
