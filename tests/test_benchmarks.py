@@ -79,3 +79,31 @@ def test_bench_overhead_smoke(tmp_path):
     assert "68,976,648,192 trainable parameters" in res["inspect"]["parameters"]
     assert res["inspect"]["peak_rss_mib_median"] < 2048, res["inspect"]
     assert "| adamw_torch_fused | LLRD, layer_stats=all |" in (tmp_path / "bench_overhead_smoke.md").read_text()
+
+
+def test_main_job_reads_only_the_files_its_run_wrote(tmp_path):
+    """scripts/main_job.py quotes the run it started: files older than the run's start are refused."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import main_job
+
+    results = {
+        "train_results.json": {"train_loss": 0.34129, "train_runtime": 3059.04},
+        "eval_results.json": {"eval_accuracy": 0.88654, "eval_f1": 0.89871},
+        "test_results.json": {"test_accuracy": 0.86353, "test_f1": 0.86674},
+        "trainer_state.json": {"global_step": 625},
+    }
+    for name, content in results.items():
+        (tmp_path / name).write_text(json.dumps(content))
+    saved = main_job.read_metrics(tmp_path, since=0)
+    assert main_job.summary(saved) == {
+        "test_accuracy": 0.8635,
+        "test_f1": 0.8667,
+        "validation_accuracy": 0.8865,
+        "validation_f1": 0.8987,
+        "train_loss": 0.3413,
+        "train_runtime_s": 3059.0,
+        "steps": 625,
+    }
+    os.utime(tmp_path / "test_results.json", (1, 1))  # left over from an older run
+    with pytest.raises(SystemExit, match="test_results.json was not written by this run"):
+        main_job.read_metrics(tmp_path, since=2)
