@@ -98,7 +98,7 @@ def parse(parser, argv: list[str] | None = None) -> tuple:
 
 
 def relative_to(obj, folder: str):
-    """``obj`` (a dataclass) with its relative ``CONFIG_RELATIVE`` paths joined to ``folder``.
+    """``obj`` (a dataclass) with its relative ``CONFIG_RELATIVE`` paths joined to ``folder`` (``~`` expanded).
 
     Example:
         >>> @dataclasses.dataclass
@@ -110,8 +110,9 @@ def relative_to(obj, folder: str):
     paths = {}
     for name in CONFIG_RELATIVE:
         value = getattr(obj, name, None)
-        if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)):
-            paths[name] = os.path.normpath(os.path.join(folder, value))
+        if isinstance(value, str) and value:
+            value = os.path.expanduser(value)
+            paths[name] = value if os.path.isabs(value) else os.path.normpath(os.path.join(folder, value))
     return dataclasses.replace(obj, **paths) if paths else obj
 
 
