@@ -75,7 +75,7 @@ def test_bench_overhead_smoke(tmp_path):
     assert live["ratio"]["LLRD, layer_stats=grad_norm (default)"] <= 1.01, live
     peaks = live["peak_rss_mib"]
     assert peaks["LLRD, layer_stats=all"] - peaks["LLRD, layer_stats=grad_norm (default)"] >= 10, live
-    # llrd inspect of a 69B-parameter Llama builds it on the meta device: well under the 258 GiB of its weights
+    # llrd inspect of a 69B-parameter Llama builds it on the meta device: well under the 257 GiB of its fp32 weights
     assert "68,976,648,192 trainable parameters" in res["inspect"]["parameters"]
     assert res["inspect"]["peak_rss_mib_median"] < 2048, res["inspect"]
     assert "| adamw_torch_fused | LLRD, layer_stats=all |" in (tmp_path / "bench_overhead_smoke.md").read_text()
