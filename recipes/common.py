@@ -1,8 +1,13 @@
-"""What both recipes share: config files, model paths, offline metrics, data errors, the end of a run."""
+"""What both recipes share: config files, model paths, labels, offline metrics, data errors, the end of a run.
+
+The recipes import it as a sibling module: Python puts a script's own folder first on ``sys.path``, whatever
+the working directory.
+"""
 
 from __future__ import annotations
 
-import hashlib
+import atexit
+import dataclasses
 import json
 import logging
 import os
@@ -13,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llrd.manifest import atomic_write_text
+from llrd.files import atomic_write_text
 
 logger = logging.getLogger("llrd.recipes")
 
@@ -54,33 +59,61 @@ def setup_logging(args) -> None:
     logging.getLogger("llrd").setLevel(logging.INFO if args.should_log else logging.WARNING)
 
 
-def label_config(path: str, names: list[str], model_args: ModelArguments, head: str):
-    """The checkpoint's config with the data's labels; refuses a fine-tuned head of another size unless
-    --ignore_mismatched_sizes."""
+def label_config(path: str, names: list[str], model_args: ModelArguments, head: str, regression: bool = False):
+    """The checkpoint's config with the data's labels (one output named after the label column for regression);
+    refuses a fine-tuned head of another size unless --ignore_mismatched_sizes."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
     has_head = any(a.endswith(head) for a in (config.architectures or []))
     if has_head and config.num_labels != len(names) and not model_args.ignore_mismatched_sizes:
+        needs = "regression needs 1 output" if regression else f"the data has {len(names)} ({names[:5]})"
         stop(
-            f"{path!r} has a classification head for {config.num_labels} labels but the data has {len(names)} "
-            f"({names[:5]}); pass --ignore_mismatched_sizes to replace the head."
+            f"{path!r} has a classification head for {config.num_labels} labels but {needs}; pass "
+            "--ignore_mismatched_sizes to replace the head."
         )
     config.id2label = dict(enumerate(names))  # also sets num_labels
     config.label2id = {name: i for i, name in enumerate(names)}
+    if regression:
+        config.problem_type = "regression"  # MSE on one output, as run_glue does for float labels
     return config
 
 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
+# Data inputs named in a config file are relative to that file's folder; every other path (output_dir, a local
+# model_name_or_path, deepspeed, ...) is relative to the working directory, as on the command line.
+CONFIG_RELATIVE = ("train_file", "validation_file", "test_file", "train_dir", "validation_dir", "test_dir")
 
 
-def parse(parser):
-    """CLI flags, or a single YAML/JSON config file (as run_glue accepts)."""
-    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml", ".json")):
-        if sys.argv[1].endswith(".json"):
-            return parser.parse_json_file(os.path.abspath(sys.argv[1]))
-        return parser.parse_yaml_file(os.path.abspath(sys.argv[1]))
-    return parser.parse_args_into_dataclasses()
+def parse(parser, argv: list[str] | None = None) -> tuple:
+    """CLI flags, or a single YAML/JSON config file (as run_glue accepts), whose data paths are relative to it."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        config = os.path.abspath(argv[0])
+        if not os.path.isfile(config):
+            stop(f"config file {argv[0]!r} not found (looked for {config}).")
+        read = parser.parse_json_file if config.endswith(".json") else parser.parse_yaml_file
+        return tuple(relative_to(obj, os.path.dirname(config)) for obj in read(config))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def relative_to(obj, folder: str):
+    """``obj`` (a dataclass) with its relative ``CONFIG_RELATIVE`` paths joined to ``folder`` (``~`` expanded).
+
+    Example:
+        >>> @dataclasses.dataclass
+        ... class Data:
+        ...     train_file: str | None = None
+        >>> relative_to(Data("../data/train.csv"), "/repo/configs").train_file
+        '/repo/data/train.csv'
+    """
+    paths = {}
+    for name in CONFIG_RELATIVE:
+        value = getattr(obj, name, None)
+        if isinstance(value, str) and value:
+            value = os.path.expanduser(value)
+            paths[name] = value if os.path.isabs(value) else os.path.normpath(os.path.join(folder, value))
+    return dataclasses.replace(obj, **paths) if paths else obj
 
 
 def stop(message: str) -> None:
@@ -118,9 +151,43 @@ def load_model(auto_cls, path: str, **kwargs):
         raise
 
 
+def label_names(values) -> list[str]:
+    """Class names from a label column's values: integers in numeric order, then other strings alphabetically.
+
+    Example:
+        >>> label_names([10, 2, 0, 2])
+        ['0', '2', '10']
+        >>> label_names(["pos", "neg", "pos"])
+        ['neg', 'pos']
+    """
+
+    def key(name: str):
+        is_int = name.lstrip("-").isdigit()
+        return (not is_int, int(name) if is_int else 0, name)
+
+    return sorted({str(v) for v in values}, key=key)
+
+
+def check_labels(raw, label_col: str, names: list[str]) -> None:
+    """Stop if a split holds a label the training data does not have."""
+    for split in raw:
+        unknown = {str(v) for v in raw[split][label_col]} - set(names)
+        if unknown:
+            stop(f"{split} has labels {sorted(unknown)[:5]} that the training data does not have ({names}).")
+
+
 def metrics_fn(num_labels: int):
-    """`compute_metrics` for Trainer, through `evaluate`'s API with local (offline) metric modules."""
+    """`compute_metrics` for Trainer, through `evaluate`'s API with local (offline) metric modules: accuracy and
+    F1 (binary for two classes, else macro) for classification; MSE, Pearson and Spearman for ``num_labels=1``."""
     import evaluate
+
+    if num_labels == 1:
+        regression = evaluate.load(str(METRICS_DIR / "regression"))
+
+        def compute_regression(pred):
+            return regression.compute(predictions=np.squeeze(pred.predictions, -1), references=pred.label_ids)
+
+        return compute_regression
 
     accuracy = evaluate.load(str(METRICS_DIR / "accuracy"))
     f1 = evaluate.load(str(METRICS_DIR / "f1"))
@@ -135,8 +202,11 @@ def metrics_fn(num_labels: int):
     return compute
 
 
+SUMMARY_METRICS = ("accuracy", "f1", "mse", "pearson")
+
+
 def finish(trainer, splits: dict) -> dict:
-    """Evaluate, save model/metrics/state as run_glue does, and end distributed runs cleanly."""
+    """Evaluate, save model/metrics/state as run_glue does, and end the run (see ``end_run``)."""
     args = trainer.args
     results = {}
     for split, dataset in splits.items():
@@ -150,19 +220,39 @@ def finish(trainer, splits: dict) -> dict:
     trainer.save_state()
     if trainer.is_world_process_zero():
         _write_groups(trainer, Path(args.output_dir) / "llrd_groups.json")
-    if args.world_size > 1:
-        _write_fingerprint(trainer)
-    if trainer.is_world_process_zero():
-        acc = {k: round(v, 4) for k, v in results.items() if k.endswith("accuracy")}
-        print(f"done: {acc}; model and metrics in {os.path.abspath(args.output_dir)}", flush=True)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # torch 2.13's gloo threads abort at interpreter exit in ~1/3 of runs ("terminate called without an
-        # active exception", rc 1). Everything is written: synchronise, flush, and leave without teardown.
-        torch.distributed.barrier()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        summary = {k: round(v, 4) for k, v in results.items() if k.endswith(SUMMARY_METRICS)}
+        print(f"done: {summary}; model and metrics in {os.path.abspath(args.output_dir)}", flush=True)
+    end_run(trainer)
     return results
+
+
+def exits_without_teardown(backend: str | None) -> bool:
+    """Whether a run on this process-group backend must leave through ``os._exit``: gloo only.
+
+    torch 2.13's gloo threads abort at interpreter exit in about a third of runs ("terminate called without an
+    active exception", exit code 1). NCCL and the others tear down normally.
+
+    Example:
+        >>> exits_without_teardown("gloo"), exits_without_teardown("nccl"), exits_without_teardown(None)
+        (True, False, False)
+    """
+    return backend == "gloo"
+
+
+def end_run(trainer) -> None:
+    """Finish trackers and the process group; a gloo run, once every rank is done, runs the interpreter's exit
+    handlers (W&B, MLflow, TensorBoard and logging flush there) and leaves with ``os._exit(0)``."""
+    dist = torch.distributed
+    backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else None
+    if backend is not None:
+        dist.barrier()  # every rank has written its files
+    if not exits_without_teardown(backend):
+        trainer.accelerator.end_training()  # trackers, then destroy_process_group (Trainer.end() in 5.x)
+        return
+    atexit._run_exitfuncs()  # what a normal exit would run; os._exit skips it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _write_groups(trainer, path: Path) -> None:
@@ -175,22 +265,3 @@ def _write_groups(trainer, path: Path) -> None:
         for g in trainer.optimizer.param_groups
     ]
     atomic_write_text(path, json.dumps(groups, indent=1))
-
-
-def _write_fingerprint(trainer) -> None:
-    """Per rank: world size, the group layout and a hash of the final weights, to check that ranks agree."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    weights = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        p = p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2 DTensor shard -> the whole tensor
-        weights.update(name.encode())
-        weights.update(p.detach().cpu().contiguous().float().numpy().tobytes())
-    layout = [(g["group_name"], g["initial_lr"], g["param_names"]) for g in trainer.optimizer.param_groups]
-    record = {
-        "rank": trainer.args.process_index,
-        "world_size": trainer.args.world_size,
-        "groups_sha": hashlib.sha256(json.dumps(layout).encode()).hexdigest(),
-        "weights_sha": weights.hexdigest(),
-    }
-    path = Path(trainer.args.output_dir) / f"fingerprint_rank{trainer.args.process_index}.json"
-    atomic_write_text(path, json.dumps(record))

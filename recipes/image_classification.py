@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import torch  # noqa: E402
-from common import (  # noqa: E402
+import torch
+from common import (
     ModelArguments,
+    check_labels,
     finish,
     label_config,
+    label_names,
     load_model,
     metrics_fn,
     parse,
@@ -30,10 +29,10 @@ from common import (  # noqa: E402
     stop,
     user_errors,
 )
-from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser, set_seed  # noqa: E402
+from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser, set_seed
 
-from llrd import LLRDTrainer, LLRDTrainingArguments  # noqa: E402
-from llrd.inspect import resolve_checkpoint  # noqa: E402
+from llrd import LLRDTrainer, LLRDTrainingArguments
+from llrd.checkpoints import resolve_checkpoint
 
 logger = logging.getLogger("llrd.recipes.image")
 
@@ -46,7 +45,9 @@ class DataArguments:
     validation_dir: str | None = field(default=None, metadata={"help": "Image folder for evaluation."})
     test_dir: str | None = field(default=None, metadata={"help": "Image folder for the final test."})
     image_column_name: str = field(default="image", metadata={"help": "Column holding the images."})
-    label_column_name: str = field(default="label", metadata={"help": "Column holding the labels."})
+    label_column_name: str = field(
+        default="label", metadata={"help": "Column holding the labels: a ClassLabel, or ints/strings (classes)."}
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval/test images."})
 
@@ -71,6 +72,20 @@ def load_splits(data: DataArguments):
     stop(f"image folders not found: {missing or 'none given'}; pass --train_dir/--validation_dir/--test_dir.")
 
 
+def class_names(raw, label_col: str) -> tuple[list[str], dict[str, int] | None]:
+    """The class names, and how to map label values to ids: a ``ClassLabel`` (image folders, most Hub datasets)
+    brings its names and ids; any other column (ints, strings) gets names from its values, as in the text
+    recipe, and a mapping from ``str(value)`` to id (``None`` for a ClassLabel, whose values are the ids)."""
+    from datasets import ClassLabel
+
+    feature = raw["train"].features[label_col]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names), None
+    names = label_names(raw["train"][label_col])
+    check_labels(raw, label_col, names)
+    return names, {name: i for i, name in enumerate(names)}
+
+
 @user_errors
 def main():
     parser = HfArgumentParser((ModelArguments, DataArguments, LLRDTrainingArguments))
@@ -85,7 +100,7 @@ def main():
     for col, flag in ((image_col, "--image_column_name"), (label_col, "--label_column_name")):
         if col not in raw["train"].column_names:
             stop(f"{flag}={col!r} is not a column of the training data ({raw['train'].column_names}).")
-    names = raw["train"].features[label_col].names
+    names, label2id = class_names(raw, label_col)
 
     path = resolve_checkpoint(model_args.model_name_or_path)
     config = label_config(path, names, model_args, "ForImageClassification")
@@ -101,7 +116,8 @@ def main():
 
     def transform(batch):
         images = [im.convert("RGB") for im in batch[image_col]]
-        return {"pixel_values": processor(images, return_tensors="pt")["pixel_values"], "labels": batch[label_col]}
+        labels = batch[label_col] if label2id is None else [label2id[str(v)] for v in batch[label_col]]
+        return {"pixel_values": processor(images, return_tensors="pt")["pixel_values"], "labels": labels}
 
     def prepare(split, limit):
         if split not in raw:

@@ -6,22 +6,22 @@
         --output_dir out --layer_decay 0.8 --learning_rate 3e-5
 
 Flags follow transformers' run_glue.py, plus every LLRDTrainingArguments flag. CSV/JSON files need a text
-and a label column; labels may be integers or strings.
+column (or two, for sentence pairs: MRPC, RTE, QNLI, STS-B) and a label column. Integer or string labels are
+classes; float labels mean regression (one output, MSE loss; metrics MSE, Pearson, Spearman), as in run_glue.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import (  # noqa: E402
+from common import (
     ModelArguments,
+    check_labels,
     finish,
     label_config,
+    label_names,
     load_model,
     metrics_fn,
     parse,
@@ -29,7 +29,7 @@ from common import (  # noqa: E402
     stop,
     user_errors,
 )
-from transformers import (  # noqa: E402
+from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
@@ -37,8 +37,8 @@ from transformers import (  # noqa: E402
     set_seed,
 )
 
-from llrd import LLRDTrainer, LLRDTrainingArguments  # noqa: E402
-from llrd.inspect import resolve_checkpoint  # noqa: E402
+from llrd import LLRDTrainer, LLRDTrainingArguments
+from llrd.checkpoints import resolve_checkpoint
 
 logger = logging.getLogger("llrd.recipes.text")
 
@@ -50,8 +50,15 @@ class DataArguments:
     train_file: str | None = field(default=None, metadata={"help": "CSV or JSON file with the training data."})
     validation_file: str | None = field(default=None, metadata={"help": "CSV or JSON file for evaluation."})
     test_file: str | None = field(default=None, metadata={"help": "CSV or JSON file for the final test."})
-    text_column_name: str = field(default="text", metadata={"help": "Column holding the text (or 'sentence')."})
-    label_column_name: str = field(default="label", metadata={"help": "Column holding the label (int or string)."})
+    text_column_name: str = field(
+        default="text", metadata={"help": "Column holding the text; if absent, a GLUE pair or 'sentence' is used."}
+    )
+    text_pair_column_name: str | None = field(
+        default=None, metadata={"help": "Second text column, for sentence pairs (e.g. sentence2)."}
+    )
+    label_column_name: str = field(
+        default="label", metadata={"help": "Column holding the label: int or string (classes), float (regression)."}
+    )
     max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval/test rows."})
@@ -97,6 +104,57 @@ def load_splits(data: DataArguments):
     )
 
 
+# GLUE's sentence-pair columns (MRPC/RTE/STS-B/WNLI, QNLI, QQP, MNLI), used when the text column is absent.
+GLUE_PAIRS = (
+    ("sentence1", "sentence2"),
+    ("question", "sentence"),
+    ("question1", "question2"),
+    ("premise", "hypothesis"),
+)
+
+
+def text_columns(columns: list[str], text: str, pair: str | None) -> tuple[str, str | None]:
+    """The text column(s) to tokenize: the ones named, else a GLUE pair, else ``sentence`` (SST-2, CoLA).
+
+    Example:
+        >>> text_columns(["sentence1", "sentence2", "label"], "text", None)
+        ('sentence1', 'sentence2')
+        >>> text_columns(["text", "label"], "text", None)
+        ('text', None)
+    """
+    if pair is not None:
+        for col, flag in ((text, "--text_column_name"), (pair, "--text_pair_column_name")):
+            if col not in columns:
+                stop(f"{flag}={col!r} is not a column of the training data (columns: {columns}).")
+        return text, pair
+    if text in columns:
+        return text, None
+    for first, second in GLUE_PAIRS:
+        if first in columns and second in columns:
+            return first, second
+    if "sentence" in columns:
+        return "sentence", None
+    stop(
+        f"--text_column_name={text!r} is not a column of the training data (columns: {columns}); name the text "
+        "column, and --text_pair_column_name for sentence pairs."
+    )
+
+
+def encode(batch: dict, tokenizer, columns: tuple[str, str | None], label_col: str, label2id, max_length: int):
+    """Tokenize one batch of rows (a pair as ``[CLS] a [SEP] b [SEP]``); labels become class ids, or floats
+    when ``label2id`` is None (regression)."""
+    texts = [batch[columns[0]]] if columns[1] is None else [batch[columns[0]], batch[columns[1]]]
+    out = tokenizer(*texts, truncation=True, max_length=max_length)
+    values = batch[label_col]
+    out["labels"] = [float(v) for v in values] if label2id is None else [label2id[str(v)] for v in values]
+    return out
+
+
+def is_regression(feature) -> bool:
+    """Float labels mean regression, as in run_glue."""
+    return getattr(feature, "dtype", None) in ("float16", "float32", "float64")
+
+
 @user_errors
 def main():
     parser = HfArgumentParser((ModelArguments, DataArguments, LLRDTrainingArguments))
@@ -108,20 +166,21 @@ def main():
     if "train" not in raw:
         stop("no training split: pass --train_file or a --dataset_name with a train split.")
     columns = raw["train"].column_names
-    text_col = data_args.text_column_name if data_args.text_column_name in columns else "sentence"
-    for col, flag in ((text_col, "--text_column_name"), (data_args.label_column_name, "--label_column_name")):
-        if col not in columns:
-            stop(f"{flag}={col!r} is not a column of the training data (columns: {columns}).")
+    texts = text_columns(columns, data_args.text_column_name, data_args.text_pair_column_name)
     label_col = data_args.label_column_name
-    names = sorted({str(v) for v in raw["train"][label_col]}, key=lambda s: (not s.lstrip("-").isdigit(), s))
-    label2id = {name: i for i, name in enumerate(names)}
-    for split in raw:
-        unknown = {str(v) for v in raw[split][label_col]} - set(label2id)
-        if unknown:
-            stop(f"{split} has labels {sorted(unknown)[:5]} that the training data does not have ({names}).")
+    if label_col not in columns:
+        stop(f"--label_column_name={label_col!r} is not a column of the training data (columns: {columns}).")
+    regression = is_regression(raw["train"].features[label_col])
+    if regression:
+        names, label2id = [label_col], None
+    else:
+        names = label_names(raw["train"][label_col])
+        check_labels(raw, label_col, names)
+        label2id = {name: i for i, name in enumerate(names)}
+    logger.info("text columns %s, %s", texts, "regression" if regression else f"{len(names)} classes")
 
     path = resolve_checkpoint(model_args.model_name_or_path)
-    config = label_config(path, names, model_args, "ForSequenceClassification")
+    config = label_config(path, names, model_args, "ForSequenceClassification", regression=regression)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
     model = load_model(
         AutoModelForSequenceClassification,
@@ -132,11 +191,6 @@ def main():
         distributed_config=model_args.distributed_config(),
     )
 
-    def encode(batch):
-        out = tokenizer(batch[text_col], truncation=True, max_length=data_args.max_seq_length)
-        out["labels"] = [label2id[str(v)] for v in batch[label_col]]
-        return out
-
     def prepare(split, limit):
         if split not in raw:
             return None
@@ -144,7 +198,19 @@ def main():
         if limit is not None:
             ds = ds.select(range(min(limit, len(ds))))
         with args.main_process_first(desc=f"tokenize {split}"):
-            return ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenize {split}")
+            return ds.map(
+                encode,
+                batched=True,
+                fn_kwargs=dict(
+                    tokenizer=tokenizer,
+                    columns=texts,
+                    label_col=label_col,
+                    label2id=label2id,
+                    max_length=data_args.max_seq_length,
+                ),
+                remove_columns=ds.column_names,
+                desc=f"tokenize {split}",
+            )
 
     train = prepare("train", data_args.max_train_samples)
     validation = prepare("validation", data_args.max_eval_samples)
@@ -156,7 +222,7 @@ def main():
         eval_dataset=validation,
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=metrics_fn(len(names)),
+        compute_metrics=metrics_fn(1 if regression else len(names)),
     )
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_metrics("train", result.metrics)

@@ -1,19 +1,25 @@
-"""What does LLRD cost? Step time and memory of LLRDTrainer vs plain Trainer, and group-building time.
+"""What does LLRD cost? Step time and memory of LLRDTrainer vs plain Trainer, group building, and `llrd inspect`.
 
-    python scripts/bench_overhead.py            # about 14 min on 2 CPU cores (Linux: reads /proc)
-    python scripts/bench_overhead.py --quick    # about 3 min
+    python scripts/bench_overhead.py            # about 20 min on 2 idle CPU cores (Linux: reads /proc)
+    python scripts/bench_overhead.py --quick    # about 5 min
+    python scripts/bench_overhead.py --smoke    # the slow test's run (one optimizer, 6 steps): no evidence
 
 1. Step time: a MiniLM-sized BERT (6 blocks, hidden 384, random weights), batch 16 x 64 tokens, the same data
-   and seed, for `adamw_torch` and `adamw_torch_fused`. Trainer, LLRDTrainer with per-depth logging off and
-   LLRDTrainer with it on (logging every 10 steps) run interleaved in one process, round after round (the
-   order alternates); each round's mean step time after warm-up (logged steps included, one in ten, so their
-   extra work counts) is divided by Trainer's in the same round. Reported: the median ratio over rounds, its
-   range and every round's ratio.
+   and seed, for `adamw_torch` and `adamw_torch_fused`. Trainer and LLRDTrainer (28 param groups) with each
+   per-depth monitor level that costs something different: `layer_stats="none"`, the default `"grad_norm"`
+   (rates and per-depth gradient norms) and `"all"` (adds the update ratio, copying the trainable weights on
+   logged steps); logging every 10 steps. They run interleaved in one process, round after round (the order
+   alternates); each round's mean step time after warm-up (logged steps included, one in ten, so their extra
+   work counts) is divided by Trainer's in the same round. Reported: the median ratio over rounds, its range
+   and every round's ratio.
 2. Group building (`layer_ids` + `param_groups`) on the meta device for 12 to 192 blocks, and an 80-block,
    8192-wide Llama.
-3. Peak memory (VmHWM) of a 10-step training run in a fresh process per variant, repeated and interleaved,
-   under glibc's default malloc and with a fixed mmap threshold (live memory); the median vs Trainer's.
-Results go to scripts/results/bench_overhead.{json,md}.
+3. Peak memory (VmHWM) of a 10-step training run (one logged step) in a fresh process per variant, repeated and
+   interleaved, under glibc's default malloc and with a fixed mmap threshold (live memory); the median vs
+   Trainer's.
+4. `llrd inspect` of the 80-block, 8192-wide Llama (69B parameters, meta device) in a fresh process: wall time
+   (interpreter start and imports included) and peak RSS.
+Results go to scripts/results/bench_overhead{,_quick}.{json,md}.
 """
 
 from __future__ import annotations
@@ -33,7 +39,17 @@ from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "scripts" / "results"
-VARIANTS = ("Trainer", "LLRD, logging off", "LLRD, logging on")
+# variant -> LLRDTrainingArguments.layer_stats (None: plain Trainer)
+STATS = {
+    "Trainer": None,
+    "LLRD, layer_stats=none": "none",
+    "LLRD, layer_stats=grad_norm (default)": "grad_norm",
+    "LLRD, layer_stats=all": "all",
+}
+VARIANTS = tuple(STATS)
+LLAMA_80 = dict(
+    num_hidden_layers=80, hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8
+)
 
 
 def model():
@@ -78,10 +94,9 @@ def make_trainer(variant: str, optim: str, steps: int, out: str, callbacks=()):
         m.accepts_loss_kwargs = False  # LLRDTrainer's loss-scaling fix, so both compute the same thing
         trainer = Trainer(model=m, args=TrainingArguments(**common), train_dataset=data(), callbacks=list(callbacks))
     else:
-        stats = "all" if variant.endswith("on") else "none"
         trainer = LLRDTrainer(
             model=m,
-            args=LLRDTrainingArguments(**common, layer_decay=0.8, layer_stats=stats),
+            args=LLRDTrainingArguments(**common, layer_decay=0.8, layer_stats=STATS[variant]),
             train_dataset=data(),
             callbacks=list(callbacks),
         )
@@ -102,9 +117,9 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._t)
 
 
-def step_times(rounds: int, steps: int, warmup: int, scratch: str) -> dict:
+def step_times(optims: tuple[str, ...], rounds: int, steps: int, warmup: int, scratch: str) -> dict:
     out = {}
-    for optim in ("adamw_torch", "adamw_torch_fused"):
+    for optim in optims:
         ratios = {v: [] for v in VARIANTS[1:]}
         means = {v: [] for v in VARIANTS}
         for r in range(rounds):
@@ -132,18 +147,7 @@ def group_building() -> dict:
 
     rows = []
     configs = [(f"BERT-base width, {n} blocks", tf.BertConfig(num_hidden_layers=n)) for n in (12, 24, 48, 96, 192)]
-    configs.append(
-        (
-            "Llama 80 blocks x 8192",
-            tf.LlamaConfig(
-                num_hidden_layers=80,
-                hidden_size=8192,
-                intermediate_size=28672,
-                num_attention_heads=64,
-                num_key_value_heads=8,
-            ),
-        )
-    )
+    configs.append(("Llama 80 blocks x 8192", tf.LlamaConfig(**LLAMA_80)))
     for name, cfg in configs:
         with torch.device("meta"):
             m = (
@@ -184,11 +188,49 @@ print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.st
 ALLOCATORS = {"default malloc": {}, "MALLOC_MMAP_THRESHOLD_=65536": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
 
 
-def peak_memory(repeats: int, scratch: str) -> dict:
+INSPECT_CHILD = """
+import json, sys
+from llrd.__main__ import main
+code = main({argv!r})
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({{"exit": code, "vmhwm_kib": hwm}}), file=sys.stderr)
+"""
+
+
+def inspect_cost(repeats: int) -> dict:
+    """Wall time and peak RSS of `llrd inspect` on the 80-block Llama, each run a fresh process."""
+    argv = ["inspect", "llama", "--task", "causal-lm", "--layer_decay", "0.9"]
+    argv += [arg for k, v in LLAMA_80.items() for arg in ("--config", f"{k}={v}")]
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-c", INSPECT_CHILD.format(argv=argv)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        wall = time.perf_counter() - start
+        child = json.loads(proc.stderr.strip().splitlines()[-1]) if proc.returncode == 0 else {}
+        if child.get("exit") != 0:
+            raise SystemExit(proc.stderr[-2000:])
+        runs.append({"seconds": round(wall, 2), "peak_rss_mib": round(child["vmhwm_kib"] / 1024, 1)})
+        print("llrd inspect, Llama 80 x 8192:", runs[-1], flush=True)
+    return {
+        "command": "llrd " + " ".join(argv),
+        "parameters": proc.stdout.strip().splitlines()[-1],
+        "runs": runs,
+        "seconds_median": statistics.median(r["seconds"] for r in runs),
+        "peak_rss_mib_median": statistics.median(r["peak_rss_mib"] for r in runs),
+    }
+
+
+def peak_memory(repeats: int, scratch: str, allocators: dict) -> dict:
     """Peak RSS (VmHWM, KiB) of a fresh process per run. Not ``ru_maxrss``: Linux carries the parent's high-water
     mark across fork + exec, so a child started by this (large) process would report the parent's peak."""
     result = {}
-    for allocator, env in ALLOCATORS.items():
+    for allocator, env in allocators.items():
         runs: dict[str, list[int]] = {v: [] for v in VARIANTS}
         for _ in range(repeats):
             for variant in VARIANTS:
@@ -215,7 +257,9 @@ def peak_memory(repeats: int, scratch: str) -> dict:
 
 def markdown(res: dict, cmd: str) -> str:
     lines = [
-        f"Command: `{cmd}` (2 CPU cores, fp32).",
+        f"Command: `{cmd}` ({os.cpu_count()} CPU cores, fp32). Load average (1, 5, 15 min) before "
+        f"{res['load_average_1_5_15_before']}, after {res['load_average_1_5_15_after']}: above 0 means other jobs "
+        "shared the CPUs.",
         "",
         "| optimizer | variant | step time (median of round means) | ratio vs Trainer (median, range over rounds) |",
         "|---|---|---|---|",
@@ -245,30 +289,53 @@ def markdown(res: dict, cmd: str) -> str:
             lines.append(
                 f"| {allocator} | {v} | {mem['peak_rss_mib'][v]:.0f} MiB | {runs} | {mem['ratio'].get(v, 1):.3f} |"
             )
+    ins = res["inspect"]
+    runs = ", ".join(f"{r['seconds']:.1f} s / {r['peak_rss_mib']:.0f} MiB" for r in ins["runs"])
+    lines += [
+        "",
+        f"`{ins['command']}` ({ins['parameters']}), fresh process each: wall time {ins['seconds_median']:.1f} s, "
+        f"peak RSS {ins['peak_rss_mib_median']:.0f} MiB (median; runs: {runs}).",
+    ]
     return "\n".join(lines) + "\n"
+
+
+OPTIMS = ("adamw_torch", "adamw_torch_fused")
+MODES = {
+    # mode: (optimizers, rounds, steps, memory repeats, allocators, inspect repeats)
+    "full": (OPTIMS, 7, 25, 3, ALLOCATORS, 3),
+    "quick": (OPTIMS, 2, 15, 1, ALLOCATORS, 1),
+    "smoke": (OPTIMS[1:], 1, 6, 1, {k: v for k, v in ALLOCATORS.items() if v}, 1),
+}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="2 rounds, 1 memory run per variant (about 3 min)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="2 rounds, 1 memory run per variant (about 5 min)")
+    mode.add_argument("--smoke", action="store_true", help="fused AdamW, 6 steps, live memory (the slow test)")
     p.add_argument("--out", type=Path, default=RESULTS, help="where results go (default scripts/results)")
     ns = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
-    from llrd.manifest import atomic_write_text
+    from llrd.files import atomic_write_text
 
     hf_logging.set_verbosity_error()
     ns.out.mkdir(parents=True, exist_ok=True)
-    rounds, steps, repeats = (2, 15, 1) if ns.quick else (7, 25, 3)
+    name = "quick" if ns.quick else "smoke" if ns.smoke else "full"
+    optims, rounds, steps, repeats, allocators, inspect_repeats = MODES[name]
     with tempfile.TemporaryDirectory() as scratch:  # Trainer's output_dir; nothing is saved there
         res = {
-            "step_time": step_times(rounds, steps, 5, scratch),
+            "mode": name,
+            "load_average_1_5_15_before": [round(x, 2) for x in os.getloadavg()],
+            "step_time": step_times(optims, rounds, steps, min(5, steps // 3), scratch),
             "group_building": group_building(),
-            "peak_memory": peak_memory(repeats, scratch),
+            "peak_memory": peak_memory(repeats, scratch, allocators),
+            "inspect": inspect_cost(inspect_repeats),
+            "load_average_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
         }
-    cmd = "python scripts/bench_overhead.py" + (" --quick" if ns.quick else "")
-    suffix = "_quick" if ns.quick else ""
+    cmd = "python scripts/bench_overhead.py" + ("" if name == "full" else f" --{name}")
+    suffix = "" if name == "full" else f"_{name}"
     atomic_write_text(ns.out / f"bench_overhead{suffix}.json", json.dumps(res, indent=1))
     text = markdown(res, cmd)
     atomic_write_text(ns.out / f"bench_overhead{suffix}.md", text)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Proof for the gloo exit flake: run the 2-process CPU text recipe N times in a row and count exit codes.
 # torch 2.13 gloo ranks abort at interpreter exit in ~1/3 of runs ("terminate called without an active
-# exception", rc 1); recipes/common.py ends distributed runs with barrier + os._exit(0) once all is written.
+# exception", rc 1); recipes/common.py (end_run) ends gloo runs, once all is written, with a barrier, the atexit
+# handlers (tracker flushes) and os._exit(0). Exits 0 only if every run did.
 #   bash scripts/ddp_exit_check.sh [N=10] [MODEL_DIR]
 set -u
 cd "$(dirname "$0")/.."

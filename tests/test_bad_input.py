@@ -4,6 +4,7 @@ recipes exit non-zero and leave nothing that looks like a finished run."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ import pytest
 from test_recipes import SST2, needs_data, tiny_text_model
 
 ROOT = Path(__file__).resolve().parents[1]
+# A bare environment, but the same llrd as this test process (a checkout on PYTHONPATH, not an installed copy).
+PYTHONPATH = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +55,7 @@ CASES = {
     ),
     "no_text_column": (
         ["--text_column_name", "body", "--train_file", "{d}/nolabel.csv"],
-        ["--text_column_name='sentence'"],
+        ["--text_column_name='body'", "columns: ['text', 'stars']", "--text_pair_column_name"],
     ),
     "empty_csv": (["--train_file", "{d}/empty.csv"], ["empty.csv has no rows"]),
     "malformed_csv": (["--train_file", "{d}/broken.csv"], ["cannot read", "broken.csv"]),
@@ -115,7 +118,7 @@ def test_recipe_bad_input(case, model_dir, files, tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin", **PYTHONPATH},
     )
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from llrd.manifest import atomic_write_text, check_layout
+from llrd.files import atomic_write_text
+from llrd.manifest import check_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "resume_job.py"
+# A bare environment, but the same llrd as this test process (a checkout on PYTHONPATH, not an installed copy).
+PYTHONPATH = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
 
 
 def job(out, mode, *flags):
@@ -24,7 +29,7 @@ def job(out, mode, *flags):
         capture_output=True,
         text=True,
         timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"},
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0", **PYTHONPATH},
     )
 
 
@@ -79,6 +84,33 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypa
         atomic_write_text(target, '{"ok": 2, "half": ')
     assert json.loads(target.read_text()) == {"ok": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temp file left behind
+
+
+def test_atomic_write_from_two_threads_to_one_path(tmp_path):
+    """Each thread's temporary file is its own: no writer removes or renames another's, and a reader only ever
+    sees one whole version (the old pid-named temp file failed here with FileNotFoundError)."""
+    target = tmp_path / "status.json"
+    payloads = [json.dumps({"writer": w, "pad": str(w) * 200_000}) for w in (0, 1)]
+    atomic_write_text(target, payloads[0])
+    errors, seen = [], set()
+
+    def write(text):
+        try:
+            for _ in range(100):
+                atomic_write_text(target, text)
+        except Exception as err:  # noqa: BLE001 - collected and asserted below
+            errors.append(err)
+
+    threads = [threading.Thread(target=write, args=(p,)) for p in payloads]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        seen.add(target.read_text())
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert seen <= set(payloads) and target.read_text() in payloads
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]  # no temp file left behind
 
 
 def test_no_unsafe_loading_in_the_code():

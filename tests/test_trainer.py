@@ -181,6 +181,8 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_out):
     assert loss_acc == pytest.approx(loss_big, rel=1e-5)
     for name in w_big:
         torch.testing.assert_close(w_acc[name], w_big[name], rtol=1e-5, atol=1e-6, msg=name)
-    # the trap this guards against: plain Trainer reports (and steps with) a 4x larger loss
+    # The trap this guards against: plain Trainer (transformers 5.24) reports and steps with a 4x larger loss
+    # here. Not asserted, so an upstream fix does not break this test; any other difference would be new.
     loss_trainer, _ = _one_step(Trainer, tmp_out, 2, 4)
-    assert loss_trainer == pytest.approx(4 * loss_big, rel=1e-4)
+    if loss_trainer != pytest.approx(loss_big, rel=1e-4):
+        assert loss_trainer == pytest.approx(4 * loss_big, rel=1e-4), "plain Trainer differs, but not by the known 4x"
