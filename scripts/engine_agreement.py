@@ -248,7 +248,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import tempfile
 
-    from llrd.manifest import atomic_write_text
+    from llrd.files import atomic_write_text
 
     out = Path(ns.out)
     if ns.table:
