@@ -5,6 +5,7 @@ JSON config and writes what the real recipe writes (``trainer_state.json`` with 
 - every call appends ``<output_dir>`` to the file named by ``$FAKE_CALLS``;
 - ``learning_rate == 0.000777`` fails with ``error: boom``;
 - ``$FAKE_FAIL_ONCE`` (a file path): fail while that file exists, to test that a resumed sweep retries;
+- ``$FAKE_FAIL_TEST``: every test-phase run fails;
 - under a launcher only rank 0 writes, and it records ``WORLD_SIZE`` in ``world_size.txt``.
 """
 
@@ -22,6 +23,8 @@ if os.environ.get("FAKE_CALLS") and rank == 0:
         f.write(f"{out.parent.name}/{out.name}\n")
 if cfg["learning_rate"] == 0.000777:
     sys.exit("error: boom")
+if os.environ.get("FAKE_FAIL_TEST") and cfg.get("test_file"):
+    sys.exit("error: test split unreadable")
 if os.environ.get("FAKE_FAIL_ONCE") and Path(os.environ["FAKE_FAIL_ONCE"]).exists():
     sys.exit("error: transient failure")
 if rank != 0:

@@ -17,6 +17,7 @@ import pytest
 
 from llrd.sweep import data, report, trials
 from llrd.sweep.cli import build_spec, parse_grid
+from llrd.sweep.cli import main as sweep_main
 from llrd.sweep.grid import coerce, expand, label, widen
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,8 +218,8 @@ def test_trial_configs_and_commands():
 # ---- mechanics in real subprocesses, with the stand-in recipe ------------------------------------------
 
 
-def sweep(tmp_path: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``python -m llrd sweep`` on made-up CSVs with the fake recipe; every trial call is logged to calls.txt."""
+def sweep_args(tmp_path: Path, *extra: str) -> list[str]:
+    """``llrd sweep`` arguments on made-up CSVs with the fake recipe."""
     if not (tmp_path / "cfg.yaml").exists():
         write_csv(tmp_path / "train.csv", 60)
         write_csv(tmp_path / "test.csv", 12)
@@ -226,8 +227,13 @@ def sweep(tmp_path: Path, *extra: str, env: dict | None = None) -> subprocess.Co
             f"train_file: {tmp_path / 'train.csv'}\ntest_file: {tmp_path / 'test.csv'}\nmax_steps: 40\n"
             "eval_strategy: steps\neval_steps: 10\nlearning_rate: 1.0e-4\nuse_cpu: true\nreport_to: none\n"
         )
-    argv = [sys.executable, "-m", "llrd", "sweep", str(tmp_path / "cfg.yaml"), "--output_dir", str(tmp_path / "out"),
-            "--script", FAKE, "--validation_size", "20", *extra]  # fmt: skip
+    return [str(tmp_path / "cfg.yaml"), "--output_dir", str(tmp_path / "out"), "--script", FAKE,
+            "--validation_size", "20", *extra]  # fmt: skip
+
+
+def sweep(tmp_path: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m llrd sweep`` in a real subprocess; every trial call is logged to calls.txt."""
+    argv = [sys.executable, "-m", "llrd", "sweep", *sweep_args(tmp_path, *extra)]
     run_env = {**os.environ, "PYTHONPATH": str(ROOT), "FAKE_CALLS": str(tmp_path / "calls.txt"), **(env or {})}
     return subprocess.run(argv, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=300)
 
@@ -237,7 +243,7 @@ def calls(tmp_path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-def test_sweep_records_a_failed_trial_goes_on_and_resumes_without_rerunning(tmp_path):
+def test_sweep_records_a_failed_trial_goes_on_and_resumes_without_rerunning(tmp_path, capsys):
     grid = ["--seeds", "3", "--layer_decay", "0.8", "--learning_rate", "1e-4", "2e-4", "0.000777"]
     proc = sweep(tmp_path, *grid)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -285,8 +291,8 @@ def test_sweep_records_a_failed_trial_goes_on_and_resumes_without_rerunning(tmp_
 
     # the same folder with other settings: refused, nothing run
     before = len(calls(tmp_path))
-    proc = sweep(tmp_path, *grid, "--max_steps", "30")
-    assert proc.returncode == 2 and "max_steps: 40 there, 30 now" in proc.stderr, proc.stderr[-2000:]
+    assert sweep_main(sweep_args(tmp_path, *grid, "--max_steps", "30")) == 2
+    assert "max_steps: 40 there, 30 now" in capsys.readouterr().err
     assert len(calls(tmp_path)) == before
 
 
@@ -303,14 +309,23 @@ def test_transient_failures_are_retried_on_resume(tmp_path):
     assert "2 paired seeds" in res["verdict"]["line"]
 
 
-def test_bad_settings_fail_before_any_trial(tmp_path):
-    proc = sweep(tmp_path, "--seeds", "2", "--layer_decay", "0.8", "1.5")
-    assert proc.returncode == 2 and "setting layer_decay=1.5, learning_rate=0.0001: layer_decay=1.5 is outside" in (
-        proc.stderr
-    ), proc.stderr[-2000:]
-    proc = sweep(tmp_path, "--layer_decay", "0.8", "--eval_strategy", "no")
-    assert proc.returncode == 2 and "eval_strategy='no': llrd sweep needs evaluations" in proc.stderr
-    assert calls(tmp_path) == []
+def test_no_verdict_when_the_chosen_settings_fail_on_test(tmp_path):
+    proc = sweep(tmp_path, "--seeds", "2", "--layer_decay", "0.8", env={"FAKE_FAIL_TEST": "1"})
+    assert proc.returncode == 1 and "no seed has test results for both chosen settings" in proc.stderr
+    res = json.loads((tmp_path / "out/results.json").read_text())
+    assert [t["status"] for t in res["trials"]] == ["ok"] * 4 + ["failed"] * 4
+    assert res["trials"][-1]["error"] == "exit code 1: error: test split unreadable"
+
+
+def test_bad_settings_fail_before_any_trial(tmp_path, capsys):
+    assert sweep_main(sweep_args(tmp_path, "--seeds", "2", "--layer_decay", "0.8", "1.5")) == 2
+    err = capsys.readouterr().err
+    assert "setting layer_decay=1.5, learning_rate=0.0001: layer_decay=1.5 is outside" in err, err[-2000:]
+    assert sweep_main(sweep_args(tmp_path, "--layer_decay", "0.8", "--eval_strategy", "no")) == 2
+    assert "eval_strategy='no': llrd sweep needs evaluations" in capsys.readouterr().err
+    assert sweep_main(sweep_args(tmp_path, "--layer_decay", "0.8", "--plain_learning_rate", "1e-4", "2e-4")) == 2
+    assert "--plain_learning_rate has 2 values but the LLRD arm tunes 1" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "trials").exists()
 
 
 def test_a_trial_runs_under_a_launcher_with_its_processes(tmp_path):

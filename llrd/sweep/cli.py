@@ -152,6 +152,8 @@ def build_spec(argv: list[str]):
 
 
 def setup_logging() -> None:
+    if logger.handlers:  # main() called again in one process
+        return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     logger.addHandler(handler)

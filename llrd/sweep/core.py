@@ -180,6 +180,9 @@ def run_sweep(spec: SweepSpec) -> dict:
     verdict = report.verdict(
         best_plain, best_llrd, test_rows[0]["finals"], test_rows[1]["finals"], spec.metric, greater, spec.confidence
     )
+    if not verdict["seeds"]:
+        _write_json(results, record)
+        raise RuntimeError(f"no seed has test results for both chosen settings: no verdict (see {results})")
     notes = report.edge_notes(best_plain, plain) + report.edge_notes(best_llrd, llrd)
     notes += _reproduction_notes(record["trials"])
     notes += _failure_notes(record["trials"])

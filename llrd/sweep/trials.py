@@ -104,7 +104,10 @@ def load_record(trial_dir: Path, expected: dict) -> dict | None:
     path = Path(trial_dir) / RECORD
     if not path.is_file():
         return None
-    record = json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
     if record.get("status") != "ok":
         return None
     if record.get("fingerprint") != expected:
