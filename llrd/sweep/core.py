@@ -204,7 +204,11 @@ def run_sweep(spec: SweepSpec) -> dict:
     from llrd.manifest import atomic_write_text
 
     atomic_write_text(out / "table.md", report.markdown(header, rows, test_rows, spec.metric, target, footer))
-    title = spec.title or f"llrd sweep: validation {spec.metric} (mean, min-max over {spec.seeds} seeds)"
+    data_name = "/".join(Path(files["train"]["source"]).parts[-2:])
+    title = spec.title or (
+        f"{spec.config.get('model_name_or_path', 'model')} on {data_name}: validation {spec.metric} "
+        f"(mean line, min-max band over {spec.seeds} seeds)"
+    )
     plot(rows, record["trials"], [best_plain["label"], best_llrd["label"]], spec.metric, title, out / "sweep.png")
     return record
 
@@ -247,8 +251,8 @@ def _header(
         + f"; data: {sizes}; seeds 0-{spec.seeds - 1}; {len(rows)} settings ({len(rows) // 2} per arm: equal "
         f"budget), every trial the same steps and evaluations. Target for 'steps to': {target:.4f}"
         + (" (given)" if spec.target is not None else " (the best plain setting's mean final validation value)")
-        + f". {n_trials} trials took {trial_seconds / 60:.1f} min of trial time; this invocation ran "
-        f"{wall / 60:.1f} min wall.",
+        + f". {n_trials} trials took {trial_seconds / 60:.1f} min (sum of their wall times); this invocation ran "
+        f"{wall / 60:.1f} min (trials reused from an earlier invocation cost nothing here).",
     ]
 
 
