@@ -161,7 +161,9 @@ def test_one_valued_flags_override_the_config(tmp_path):
     argv = [str(cfg), "--output_dir", "o", "--max_steps", "8", "--learning_rate", "3e-4", "--layer_decay", "0.8",
             "0.7", "--test_file", "t.csv", "--launcher", "accelerate launch --cpu"]  # fmt: skip
     spec = build_spec(argv)
-    assert spec.config == {"train_file": "a.csv", "learning_rate": 3e-4, "max_steps": 8, "test_file": "t.csv"}
+    # data paths in the config are relative to its folder (as the recipes read them), on the command line to the cwd
+    assert spec.config == {"train_file": str(tmp_path / "a.csv"), "learning_rate": 3e-4, "max_steps": 8,
+                           "test_file": "t.csv"}  # fmt: skip
     assert spec.grid == {"layer_decay": [0.8, 0.7], "learning_rate": [3e-4]} and spec.seeds == 5
     assert spec.launcher == ["accelerate", "launch", "--cpu"] and spec.command.startswith("llrd sweep ")
 

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import shlex
 import sys
 import typing
@@ -21,6 +22,7 @@ USAGE = (
     "[--FIELD V ...]"
 )
 _RESERVED = {"seed": "--seeds", "output_dir": "--output_dir (the sweep's)"}
+DATA_KEYS = ("train_file", "validation_file", "test_file")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,8 +49,8 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--metric", default="accuracy", help="eval metric to select and report (default: %(default)s)")
     p.add_argument("--target", type=float, help="for 'steps to target' (default: best plain mean final value)")
-    for split in ("train", "validation", "test"):
-        p.add_argument(f"--{split}_file", help=f"CSV file replacing the config's {split}_file")
+    for key in DATA_KEYS:
+        p.add_argument(f"--{key}", help=f"CSV file replacing the config's {key} (relative to the working directory)")
     p.add_argument("--train_size", type=int, help="sample this many training rows (seed --split_seed)")
     p.add_argument(
         "--validation_size",
@@ -109,7 +111,14 @@ def parse_grid(tokens: list[str], config: dict) -> dict[str, list]:
 
 
 def load_config(path: str) -> dict:
-    """A recipe config file as a dict (YAML or JSON)."""
+    """A recipe config file as a dict (YAML or JSON). Its relative data paths are relative to the file's folder,
+    as the recipes read them; ``--train_file`` and the like on the command line are relative to the working
+    directory.
+
+    Example:
+        >>> load_config("recipes/configs/minilm_sst2.yaml")["train_file"]  # doctest: +SKIP
+        '/repo/recipes/configs/../../../shared/data/sst2/train.csv'
+    """
     import yaml
 
     file = Path(path)
@@ -119,6 +128,9 @@ def load_config(path: str) -> dict:
     cfg = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
     if not isinstance(cfg, dict):
         raise ValueError(f"config {path!r} is not a mapping of recipe settings")
+    for key in DATA_KEYS:
+        if isinstance(cfg.get(key), str) and not Path(cfg[key]).expanduser().is_absolute():
+            cfg[key] = os.path.normpath(file.resolve().parent / cfg[key])
     return cfg
 
 
@@ -128,9 +140,7 @@ def build_spec(argv: list[str]):
 
     ns, rest = parser().parse_known_args(argv)
     config = load_config(ns.config)
-    config.update(
-        {f"{s}_file": getattr(ns, f"{s}_file") for s in ("train", "validation", "test") if getattr(ns, f"{s}_file")}
-    )
+    config.update({key: getattr(ns, key) for key in DATA_KEYS if getattr(ns, key)})
     grid = parse_grid(rest, config)
     # one-valued axes are plain overrides: fold them into the config so the settings' names stay short
     fixed = {k: v[0] for k, v in grid.items() if len(v) == 1 and k not in ("layer_decay", "learning_rate")}
