@@ -7,10 +7,10 @@
 Each dataset is one `llrd sweep` command (printed, and recorded at the top of its table.md), on the protocol
 config ``scripts/configs/minilm_fewshot.yaml``: MiniLM-L6, 1,000 training sentences, 300 validation sentences
 (SST-2: sampled from its validation file; MR and AG News: split off the training file), 80 steps of batch 16,
-an evaluation every 20 steps, seeds 0-4; LLRD arm decay {0.8, 0.65} at lr 3e-4, plain arm lr {5e-5, 1e-4} (two
-trials each: equal budget). The sweep works in ``runs/bench_quality/<dataset>`` (interrupted? run the same
-command again: finished trials are reused) and its ``results.json``, ``table.md`` and ``sweep.png`` are copied to
-``scripts/results/sweep_<dataset>/`` (``--out`` elsewhere).
+an evaluation every 20 steps, seeds 0-4; LLRD arm decay {0.9, 0.8, 0.65} at lr 3e-4, plain arm lr {5e-5, 1e-4,
+2e-4} (three settings each: equal budget). The sweep works in ``runs/bench_quality/<dataset>`` (interrupted?
+run the same command again: finished trials are reused) and its ``results.json``, ``table.md`` and ``sweep.png``
+are copied to ``scripts/results/sweep_<dataset>/`` (``--out`` elsewhere).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ DATASETS = {
     "agnews": ["--train_file", f"{DATA}/agnews/train.csv", "--test_file", f"{DATA}/agnews/test.csv",
                "--test_size", "2000"],
 }  # fmt: skip
-PROTOCOL = ["--seeds", "5", "--train_size", "1000", "--validation_size", "300", "--layer_decay", "0.8", "0.65",
-            "--learning_rate", "3e-4", "--plain_learning_rate", "5e-5", "1e-4"]  # fmt: skip
+PROTOCOL = ["--seeds", "5", "--train_size", "1000", "--validation_size", "300", "--layer_decay", "0.9", "0.8",
+            "0.65", "--learning_rate", "3e-4", "--plain_learning_rate", "5e-5", "1e-4", "2e-4"]  # fmt: skip
 # the same code path, small: 2 seeds, one trial per arm, 30 steps on 320 sentences
 QUICK = ["--seeds", "2", "--train_size", "320", "--validation_size", "100", "--test_size", "300", "--max_steps", "30",
          "--eval_steps", "10", "--logging_steps", "10", "--layer_decay", "0.65", "--learning_rate", "5e-4",
@@ -85,7 +85,10 @@ def main() -> int:
     for dataset in datasets:
         argv = sweep_argv(dataset, ns.quick, work)
         print(f"$ llrd sweep {shlex.join(argv)}", flush=True)
-        if sweep(argv) != 0:
+        rc = sweep(argv)
+        if rc == 130:  # Ctrl-C: stop here; the same command resumes
+            return rc
+        if rc != 0:
             failed += 1
             continue
         dest = ns.out / f"sweep_{dataset}{'_quick' if ns.quick else ''}"
