@@ -78,18 +78,21 @@ def _check_dependencies() -> None:
 
 
 class _Progress:
-    """``[i/n]`` counter with the remaining time estimated from the trials run so far."""
+    """``[i/n]`` counter; the remaining time is the mean time of the trials run so far times the trials still to
+    run (finished ones found on disk cost nothing)."""
 
     def __init__(self, total: int, metric: str):
-        self.total, self.metric, self.done, self.spent, self.ran = total, metric, 0, 0.0, 0
+        self.total, self.metric, self.done, self.spent, self.ran, self.pending = total, metric, 0, 0.0, 0, 0
 
     def step(self, record: dict, reused: bool) -> None:
         self.done += 1
         if not reused:
             self.spent += record["seconds"]
             self.ran += 1
-        left = self.total - self.done
-        eta = f"~{self.spent / self.ran * left / 60:.1f} min left" if self.ran and left else "done" if not left else ""
+            self.pending -= 1
+        eta = "done" if self.done == self.total else ""
+        if self.ran and self.done < self.total:
+            eta = f"~{self.spent / self.ran * max(self.pending, 0) / 60:.1f} min left"
         what = f"{record['id']}: " + (
             f"val {self.metric} {record['final']:.4f}"
             + (f", test {record['test'][self.metric]:.4f}" if "test" in record else "")
@@ -142,11 +145,15 @@ def run_sweep(spec: SweepSpec) -> dict:
     results = out / "results.json"
     progress = _Progress(len(settings) * spec.seeds + 2 * spec.seeds, spec.metric)
 
-    def run_all(batch: list[trials.Trial]) -> None:
+    def run_all(batch: list[trials.Trial], later: int = 0) -> None:
+        """Run ``batch`` in order; ``later`` trials are still to come after it (for the time estimate)."""
+        plan = []
         for trial in batch:
             cfg = config_of(trial)
             expected = trials.fingerprint(cfg, spec.script, spec.launcher, files)
-            done = trials.load_record(Path(cfg["output_dir"]), expected)
+            plan.append((trial, cfg, expected, trials.load_record(Path(cfg["output_dir"]), expected)))
+        progress.pending = sum(done is None for *_, done in plan) + later
+        for trial, cfg, expected, done in plan:
             rec = done or trials.run_trial(
                 trial, cfg, expected, prefix, spec.metric, spec.trial_timeout, spec.keep_models
             )
@@ -157,7 +164,7 @@ def run_sweep(spec: SweepSpec) -> dict:
     logger.info(
         "%d settings x %d seeds, then the 2 chosen settings x %d seeds on test", len(settings), spec.seeds, spec.seeds
     )
-    run_all([trials.Trial("tune", s, k) for k in range(spec.seeds) for s in settings])
+    run_all([trials.Trial("tune", s, k) for k in range(spec.seeds) for s in settings], later=2 * spec.seeds)
 
     plain_rows = report.summarize(plain, record["trials"], greater)
     llrd_rows = report.summarize(llrd, record["trials"], greater)
