@@ -103,6 +103,33 @@ class _Progress:
         logger.info("[%d/%d] %s; %s; %s", self.done, self.total, what, how, eta)
 
 
+class _Runner:
+    """Runs trials in order, reusing finished ones, and keeps ``results.json`` up to date after each."""
+
+    def __init__(self, spec: SweepSpec, out: Path, files: dict, record: dict, total: int):
+        self.spec, self.out, self.files, self.record = spec, out, files, record
+        self.progress = _Progress(total, spec.metric)
+
+    def config(self, trial: trials.Trial) -> dict:
+        return trials.trial_config(self.spec.config, trial, self.out, self.files)
+
+    def run(self, batch: list[trials.Trial], later: int = 0) -> None:
+        """Run ``batch``; ``later`` trials are still to come after it (for the time estimate)."""
+        spec, plan = self.spec, []
+        for trial in batch:
+            cfg = self.config(trial)
+            expected = trials.fingerprint(cfg, spec.script, spec.launcher, self.files)
+            plan.append((trial, cfg, expected, trials.load_record(Path(cfg["output_dir"]), expected)))
+        self.progress.pending = sum(done is None for *_, done in plan) + later
+        for trial, cfg, expected, done in plan:
+            rec = done or trials.run_trial(
+                trial, cfg, expected, (spec.script, spec.launcher), spec.metric, spec.trial_timeout, spec.keep_models
+            )
+            self.record["trials"].append(rec)
+            self.progress.step(rec, reused=done is not None)
+            _write_json(self.out / "results.json", self.record)  # partial results survive a crash
+
+
 def run_sweep(spec: SweepSpec) -> dict:
     """Run (or resume) the sweep described by ``spec``; returns the ``results.json`` content.
 
@@ -115,26 +142,11 @@ def run_sweep(spec: SweepSpec) -> dict:
     _check_dependencies()
     out = Path(spec.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if not spec.config.get("test_file"):
-        raise ValueError("the config has no test_file: llrd sweep reports the chosen settings on a test split")
-    if spec.config.get("max_eval_samples"):
-        logger.warning(
-            "max_eval_samples=%s in the config also truncates the test split; --validation_size/--test_size "
-            "sample each split on its own",
-            spec.config["max_eval_samples"],
-        )
+    _check_data_settings(spec.config)
     files = data.prepare(spec.config, out, spec.train_size, spec.validation_size, spec.test_size, spec.split_seed)
     plain, llrd = expand(spec.grid, float(spec.config.get("learning_rate", 5e-5)), spec.plain_learning_rate)
-    settings = plain + llrd
     logger.info("plain arm (%d): %s", len(plain), "; ".join(label(s) for s in plain))
     logger.info("LLRD arm (%d): %s", len(llrd), "; ".join(label(s) for s in llrd))
-    prefix = (spec.script, spec.launcher)
-
-    def config_of(trial: trials.Trial) -> dict:
-        return trials.trial_config(spec.config, trial, out, files)
-
-    check_settings([(label(s), config_of(trials.Trial("tune", s, 0))) for s in settings])
-    greater = report.greater_is_better(spec.metric)
     record: dict[str, Any] = {
         "sweep": {**{k: v for k, v in dataclasses.asdict(spec).items() if k != "output_dir"}, "output_dir": str(out)},
         "data": files,
@@ -142,82 +154,78 @@ def run_sweep(spec: SweepSpec) -> dict:
         "settings": {"plain": plain, "llrd": llrd},
         "trials": [],
     }
-    results = out / "results.json"
-    progress = _Progress(len(settings) * spec.seeds + 2 * spec.seeds, spec.metric)
+    runner = _Runner(spec, out, files, record, (len(plain) + len(llrd) + 2) * spec.seeds)
+    check_settings([(label(s), runner.config(trials.Trial("tune", s, 0))) for s in plain + llrd])
+    logger.info("%d settings x %d seeds, then the 2 chosen x %d seeds on test", len(plain + llrd), *[spec.seeds] * 2)
+    runner.run([trials.Trial("tune", s, k) for k in range(spec.seeds) for s in plain + llrd], later=2 * spec.seeds)
+    greater = report.greater_is_better(spec.metric)
+    chosen = [report.choose(report.summarize(arm, record["trials"], greater), greater) for arm in (plain, llrd)]
+    if None in chosen:
+        _write_json(out / "results.json", record)
+        arm = "plain" if chosen[0] is None else "LLRD"
+        raise RuntimeError(f"every {arm} trial failed: no verdict (see the errors in {out / 'results.json'})")
+    runner.run([trials.Trial("test", row["setting"], k) for row in chosen for k in range(spec.seeds)])
+    _conclude(spec, record, plain, llrd, chosen, greater)
+    record.update(wall_seconds_this_invocation=round(time.perf_counter() - began, 1))
+    _write_outputs(spec, out, files, record)
+    return record
 
-    def run_all(batch: list[trials.Trial], later: int = 0) -> None:
-        """Run ``batch`` in order; ``later`` trials are still to come after it (for the time estimate)."""
-        plan = []
-        for trial in batch:
-            cfg = config_of(trial)
-            expected = trials.fingerprint(cfg, spec.script, spec.launcher, files)
-            plan.append((trial, cfg, expected, trials.load_record(Path(cfg["output_dir"]), expected)))
-        progress.pending = sum(done is None for *_, done in plan) + later
-        for trial, cfg, expected, done in plan:
-            rec = done or trials.run_trial(
-                trial, cfg, expected, prefix, spec.metric, spec.trial_timeout, spec.keep_models
-            )
-            record["trials"].append(rec)
-            progress.step(rec, reused=done is not None)
-            _write_json(results, record)  # partial results survive a crash
 
-    logger.info(
-        "%d settings x %d seeds, then the 2 chosen settings x %d seeds on test", len(settings), spec.seeds, spec.seeds
-    )
-    run_all([trials.Trial("tune", s, k) for k in range(spec.seeds) for s in settings], later=2 * spec.seeds)
+def _check_data_settings(config: dict) -> None:
+    if not config.get("test_file"):
+        raise ValueError("the config has no test_file: llrd sweep reports the chosen settings on a test split")
+    if config.get("max_eval_samples"):
+        logger.warning(
+            "max_eval_samples=%s in the config also truncates the test split; --validation_size/--test_size "
+            "sample each split on its own",
+            config["max_eval_samples"],
+        )
 
-    plain_rows = report.summarize(plain, record["trials"], greater)
-    llrd_rows = report.summarize(llrd, record["trials"], greater)
-    best_plain, best_llrd = report.choose(plain_rows, greater), report.choose(llrd_rows, greater)
-    if best_plain is None or best_llrd is None:
-        arm = "plain" if best_plain is None else "LLRD"
-        _write_json(results, record)
-        raise RuntimeError(f"every {arm} trial failed: no verdict (see the errors in {results})")
+
+def _conclude(spec: SweepSpec, record: dict, plain: list, llrd: list, chosen: list[dict], greater: bool) -> None:
+    """Summaries, test rows, verdict and notes into ``record``; RuntimeError when no seed has both test results."""
+    best_plain, best_llrd = chosen
     target = spec.target if spec.target is not None else best_plain["mean"]
-    rows = report.summarize(settings, record["trials"], greater, target)
-    run_all([trials.Trial("test", row["setting"], k) for row in (best_plain, best_llrd) for k in range(spec.seeds)])
-
-    def test_value(r: dict) -> float:
-        return r["test"][spec.metric]
-
     test_rows = [
-        report.summarize([row["setting"]], record["trials"], greater, phase="test", value=test_value)[0]
-        for row in (best_plain, best_llrd)
+        report.summarize(
+            [row["setting"]], record["trials"], greater, phase="test", value=lambda r: r["test"][spec.metric]
+        )[0]
+        for row in chosen
     ]
     verdict = report.verdict(
         best_plain, best_llrd, test_rows[0]["finals"], test_rows[1]["finals"], spec.metric, greater, spec.confidence
     )
     if not verdict["seeds"]:
-        _write_json(results, record)
-        raise RuntimeError(f"no seed has test results for both chosen settings: no verdict (see {results})")
+        _write_json(Path(record["sweep"]["output_dir"]) / "results.json", record)
+        raise RuntimeError("no seed has test results for both chosen settings: no verdict (see results.json)")
     notes = report.edge_notes(best_plain, plain) + report.edge_notes(best_llrd, llrd)
-    notes += _reproduction_notes(record["trials"])
-    notes += _failure_notes(record["trials"])
-    trial_seconds = sum(r["seconds"] for r in record["trials"])
-    wall = time.perf_counter() - began
     record.update(
-        summary=rows,
+        summary=report.summarize(plain + llrd, record["trials"], greater, target),
         target=target,
         chosen={"plain": best_plain["label"], "llrd": best_llrd["label"]},
         test=test_rows,
         verdict=verdict,
-        notes=notes,
-        trial_seconds_total=round(trial_seconds, 1),
-        wall_seconds_this_invocation=round(wall, 1),
+        notes=notes + _reproduction_notes(record["trials"]) + _failure_notes(record["trials"]),
+        trial_seconds_total=round(sum(r["seconds"] for r in record["trials"]), 1),
     )
-    _write_json(results, record)
-    header = _header(spec, files, rows, target, trial_seconds, wall)
-    footer = [f"Note: {n}" for n in notes] + ([""] if notes else []) + [f"**{verdict['line']}**"]
+
+
+def _write_outputs(spec: SweepSpec, out: Path, files: dict, record: dict) -> None:
+    """``results.json``, ``table.md`` and ``sweep.png``."""
     from llrd.manifest import atomic_write_text
 
-    atomic_write_text(out / "table.md", report.markdown(header, rows, test_rows, spec.metric, target, footer))
+    _write_json(out / "results.json", record)
+    rows, verdict, notes = record["summary"], record["verdict"], record["notes"]
+    header = _header(spec, files, record)
+    footer = [f"Note: {n}" for n in notes] + ([""] if notes else []) + [f"**{verdict['line']}**"]
+    text = report.markdown(header, rows, record["test"], spec.metric, record["target"], footer)
+    atomic_write_text(out / "table.md", text)
     data_name = "/".join(Path(files["train"]["source"]).parts[-2:])
     title = spec.title or (
         f"{spec.config.get('model_name_or_path', 'model')} on {data_name}: validation {spec.metric} "
         f"(mean line, min-max band over {spec.seeds} seeds)"
     )
-    plot(rows, record["trials"], [best_plain["label"], best_llrd["label"]], spec.metric, title, out / "sweep.png")
-    return record
+    plot(rows, record["trials"], list(record["chosen"].values()), spec.metric, title, out / "sweep.png")
 
 
 def _failure_notes(records: list[dict]) -> list[str]:
@@ -245,11 +253,11 @@ def _reproduction_notes(records: list[dict]) -> list[str]:
     return notes
 
 
-def _header(
-    spec: SweepSpec, files: dict, rows: list[dict], target: float, trial_seconds: float, wall: float
-) -> list[str]:
+def _header(spec: SweepSpec, files: dict, record: dict) -> list[str]:
+    """The protocol, as run: command, script, data sizes, seeds, budget, target, time and environment."""
+    rows, target = record["summary"], record["target"]
     sizes = ", ".join(f"{split} {info['rows']} rows ({info['how']})" for split, info in files.items())
-    n_trials = len(rows) * spec.seeds + 2 * spec.seeds
+    env = ", ".join(f"{k}={v}" for k, v in record["environment"].items() if v is not None)
     return [
         f"Command: `{spec.command}`" if spec.command else "Command: (Python API)",
         "",
@@ -258,8 +266,9 @@ def _header(
         + f"; data: {sizes}; seeds 0-{spec.seeds - 1}; {len(rows)} settings ({len(rows) // 2} per arm: equal "
         f"budget), every trial the same steps and evaluations. Target for 'steps to': {target:.4f}"
         + (" (given)" if spec.target is not None else " (the best plain setting's mean final validation value)")
-        + f". {n_trials} trials took {trial_seconds / 60:.1f} min (sum of their wall times); this invocation ran "
-        f"{wall / 60:.1f} min (trials reused from an earlier invocation cost nothing here).",
+        + f". {len(record['trials'])} trials took {record['trial_seconds_total'] / 60:.1f} min (sum of their wall "
+        f"times); this invocation ran {record['wall_seconds_this_invocation'] / 60:.1f} min (trials reused from an "
+        f"earlier invocation cost nothing here). Environment: {env}.",
     ]
 
 
