@@ -94,8 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING)
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: {USAGE}\n\nCommands:\n  inspect   show the per-layer param groups of a model")
+        print(
+            f"usage: {USAGE}\n\nCommands:\n  inspect   show the per-layer param groups of a model\n"
+            "  sweep     equal-budget A/B of LLRD against plain fine-tuning (llrd sweep --help)"
+        )
         return 0 if argv else 2
+    if argv[0] == "sweep":
+        from .sweep.cli import main as sweep_main
+
+        return sweep_main(argv[1:])
     if argv[0] != "inspect":
         print(f"llrd: error: unknown command {argv[0]!r}; usage: {USAGE}", file=sys.stderr)
         return 2

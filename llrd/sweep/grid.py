@@ -1,0 +1,154 @@
+"""The settings a sweep trains: the user's grid, split into a plain arm (``layer_decay=1.0``) and an LLRD arm
+of equal size, plus the typing of command-line values."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import typing
+from enum import Enum
+from typing import Any
+
+PLAIN_DECAY = 1.0
+
+
+def label(setting: dict[str, Any]) -> str:
+    """Human-readable name of a setting.
+
+    Example:
+        >>> label({"layer_decay": 0.8, "learning_rate": 2e-4})
+        'layer_decay=0.8, learning_rate=0.0002'
+    """
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items())
+
+
+def slug(setting: dict[str, Any]) -> str:
+    """File-name-safe name of a setting.
+
+    Example:
+        >>> slug({"layer_decay": 0.8, "learning_rate": 2e-4})
+        'layer_decay-0.8_learning_rate-0.0002'
+    """
+    text = label(setting).replace(", ", "_").replace("=", "-")
+    return "".join(c if c.isalnum() or c in "-_.+" else "~" for c in text)
+
+
+def is_plain(setting: dict[str, Any]) -> bool:
+    """True for the plain fine-tuning arm (no layer-wise decay).
+
+    Example:
+        >>> is_plain({"layer_decay": 1.0, "learning_rate": 5e-5})
+        True
+    """
+    return float(setting["layer_decay"]) == PLAIN_DECAY
+
+
+def widen(rates: list[float], n: int) -> list[float]:
+    """``rates`` extended geometrically to ``n`` values in the grid's own step (2x for a single rate), adding
+    alternately one below the lowest and one above the highest, below first: plain fine-tuning usually wants
+    a lower rate than the head rate of LLRD.
+
+    Example:
+        >>> widen([1e-4, 2e-4], 4)
+        [5e-05, 0.0001, 0.0002, 0.0004]
+    """
+    out = sorted(set(rates))
+    if not out:
+        raise ValueError("learning_rate: the grid has no learning rate to widen")
+    ratio = (out[-1] / out[0]) ** (1 / (len(out) - 1)) if len(out) > 1 else 2.0
+    if ratio <= 1.0:
+        ratio = 2.0
+    below = True
+    while len(out) < n:
+        out.append(float(f"{(out[0] / ratio if below else out[-1] * ratio):.3g}"))
+        out.sort()
+        below = not below
+    return out
+
+
+def expand(
+    grid: dict[str, list[Any]], base_learning_rate: float, plain_learning_rates: list[float] | None = None
+) -> tuple[list[dict], list[dict]]:
+    """(plain settings, LLRD settings), each the product of the other axes with its rates and decays.
+
+    The plain arm always has as many settings as the LLRD arm (equal tuning budget): its learning rates are
+    ``plain_learning_rates`` when given (their count must match), else the grid's rates, widened.
+
+    Example:
+        >>> plain, llrd = expand({"layer_decay": [0.8], "learning_rate": [1e-4, 2e-4]}, 5e-5)
+        >>> [s["learning_rate"] for s in plain], len(llrd)
+        ([0.0001, 0.0002], 2)
+    """
+    decays = [float(d) for d in grid.get("layer_decay", [])]
+    llrd_decays = [d for d in decays if d != PLAIN_DECAY]
+    if not llrd_decays:
+        raise ValueError(
+            f"--layer_decay {' '.join(f'{d:g}' for d in decays) or '(none)'}: give at least one decay below 1.0 "
+            "to compare with plain fine-tuning, e.g. --layer_decay 0.9 0.8"
+        )
+    rates = [float(r) for r in grid.get("learning_rate", [base_learning_rate])]
+    others = {k: v for k, v in grid.items() if k not in ("layer_decay", "learning_rate")}
+    combos = [dict(zip(others, values, strict=True)) for values in itertools.product(*others.values())]
+    llrd = [{"layer_decay": d, "learning_rate": r, **combo} for d in llrd_decays for r in rates for combo in combos]
+    wanted = len(llrd_decays) * len(rates)
+    if plain_learning_rates:
+        plain_rates = [float(r) for r in plain_learning_rates]
+        if len(plain_rates) != wanted:
+            raise ValueError(
+                f"--plain_learning_rate has {len(plain_rates)} values but the LLRD arm tunes {wanted} "
+                f"(decay, rate) pairs; give {wanted} plain rates so both arms get the same tuning budget"
+            )
+    else:
+        plain_rates = widen(rates, wanted)
+    plain = [{"layer_decay": PLAIN_DECAY, "learning_rate": r, **combo} for r in plain_rates for combo in combos]
+    return plain, llrd
+
+
+def _types(annotation: Any) -> list[type]:
+    args = typing.get_args(annotation)
+    return [t for t in (args or (annotation,)) if isinstance(t, type)]
+
+
+def coerce(name: str, text: str, annotation: Any = None, current: Any = None) -> Any:
+    """A command-line value typed as the field it sets (its annotation, else its current config value).
+
+    Example:
+        >>> coerce("learning_rate", "5e-5", float)
+        5e-05
+        >>> coerce("adaptive_lr", "true", bool)
+        True
+    """
+    kinds = _types(annotation) if annotation is not None else ([type(current)] if current is not None else [])
+    low = text.strip().lower()
+    if bool in kinds:
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        if len(kinds) == 1:
+            raise ValueError(f"--{name} {text!r}: expected true or false")
+    if dict in kinds and low.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--{name} {text!r}: not a JSON object ({err.msg})") from err
+    for kind in (int, float):
+        if kind in kinds:
+            try:
+                value = kind(text)
+            except ValueError:
+                continue
+            if kind is float and not math.isfinite(value):
+                raise ValueError(f"--{name} {text!r}: must be a finite number")
+            return value
+    if str in kinds or any(issubclass(k, Enum) for k in kinds):
+        return text
+    if not kinds:  # a config key whose current value is null: read it as a literal
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
+    raise ValueError(f"--{name} {text!r}: expected {' or '.join(k.__name__ for k in kinds)}")

@@ -1,0 +1,260 @@
+"""Pure arithmetic on trial records: per-setting summaries, selection on validation, the paired verdict on
+test, and the markdown table. No I/O, so each piece is tested on made-up results."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+from .grid import is_plain, label
+
+
+def greater_is_better(metric: str) -> bool:
+    """Trainer's rule: losses are minimised, everything else maximised.
+
+    Example:
+        >>> greater_is_better("accuracy"), greater_is_better("loss")
+        (True, False)
+    """
+    return not metric.endswith("loss")
+
+
+def steps_to(curve: list[list[float]], target: float, greater: bool = True) -> int | None:
+    """First evaluated step whose value reaches ``target`` (None if none does).
+
+    Example:
+        >>> steps_to([[20, 0.7], [40, 0.82], [60, 0.81]], 0.8)
+        40
+    """
+    return next((int(step) for step, value in curve if (value >= target if greater else value <= target)), None)
+
+
+def summarize(
+    settings: list[dict],
+    records: list[dict],
+    greater: bool = True,
+    target: float | None = None,
+    phase: str = "tune",
+    value: Callable[[dict], float] = lambda r: r["final"],
+) -> list[dict]:
+    """One row per setting over its trials of ``phase``: ``value`` per seed (default: the last validation
+    value), mean, std, worst and best seed, steps to ``target`` per seed, failed seeds.
+
+    Example:
+        >>> recs = [{"phase": "tune", "setting": {"layer_decay": 0.8}, "seed": s, "status": "ok", "final": v,
+        ...          "curve": [[10, v]], "seconds": 1.0} for s, v in ((0, 0.8), (1, 0.9))]
+        >>> row = summarize([{"layer_decay": 0.8}], recs)[0]
+        >>> round(row["mean"], 3), row["worst"], row["best"]
+        (0.85, [0, 0.8], [1, 0.9])
+    """
+    rows = []
+    for setting in settings:
+        runs = sorted((r for r in records if r["phase"] == phase and r["setting"] == setting), key=lambda r: r["seed"])
+        ok = [r for r in runs if r["status"] == "ok"]
+        finals = {r["seed"]: value(r) for r in ok}
+        row: dict[str, Any] = {
+            "setting": setting,
+            "label": label(setting),
+            "arm": "plain" if is_plain(setting) else "llrd",
+            "finals": finals,
+            "failed": [r["seed"] for r in runs if r["status"] != "ok"],
+            "mean": statistics.mean(finals.values()) if finals else None,
+            "std": statistics.stdev(finals.values()) if len(finals) > 1 else 0.0 if finals else None,
+            "seconds_mean": statistics.mean(r["seconds"] for r in ok) if ok else None,
+        }
+        if finals:
+            ordered = sorted(finals.items(), key=lambda kv: kv[1] if greater else -kv[1])  # worst first
+            row["worst"], row["best"] = list(ordered[0]), list(ordered[-1])
+        else:
+            row["worst"] = row["best"] = None
+        if target is not None:
+            row["steps_to_target"] = {r["seed"]: steps_to(r["curve"], target, greater) for r in ok}
+        rows.append(row)
+    return rows
+
+
+def choose(rows: list[dict], greater: bool = True) -> dict | None:
+    """The row with the best mean validation value (the first in grid order on a tie); None if none ran.
+
+    Example:
+        >>> choose([{"label": "a", "mean": 0.8}, {"label": "b", "mean": 0.9}, {"label": "c", "mean": None}])["label"]
+        'b'
+    """
+    ran = [r for r in rows if r["mean"] is not None]
+    if not ran:
+        return None
+    return max(ran, key=lambda r: r["mean"] if greater else -r["mean"])
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile (scipy).
+
+    Example:
+        >>> round(t_quantile(0.975, 4), 4)
+        2.7764
+    """
+    from scipy.stats import t
+
+    return float(t.ppf(p, df))
+
+
+def paired_interval(diffs: list[float], confidence: float = 0.95) -> dict:
+    """Mean of paired differences with its two-sided Student-t confidence interval
+    (mean ± t_{(1+c)/2, n-1} · sd / √n); bounds are None with fewer than 2 pairs.
+
+    Example:
+        >>> ci = paired_interval([0.02, 0.01, 0.03, 0.02, 0.02])
+        >>> round(ci["mean"], 4), round(ci["low"], 4), round(ci["high"], 4)
+        (0.02, 0.0112, 0.0288)
+    """
+    n = len(diffs)
+    out = {"n": n, "confidence": confidence, "mean": statistics.mean(diffs) if diffs else None, "low": None}
+    out["high"] = None
+    if n >= 2:
+        sd = statistics.stdev(diffs)
+        half = t_quantile((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
+        out.update(sd=sd, low=out["mean"] - half, high=out["mean"] + half)
+    return out
+
+
+def verdict(
+    plain: dict,
+    llrd: dict,
+    test_plain: dict[int, float],
+    test_llrd: dict[int, float],
+    metric: str,
+    greater: bool = True,
+    confidence: float = 0.95,
+) -> dict:
+    """The one-line answer. ``plain``/``llrd`` are the arms' chosen rows (on validation); the gain is LLRD's
+    over plain on the test split, paired by seed (positive = LLRD better, also for losses).
+
+    Example:
+        >>> v = verdict({"label": "lr=5e-05", "mean": 0.85}, {"label": "decay=0.8", "mean": 0.87},
+        ...             {0: 0.77, 1: 0.78}, {0: 0.79, 1: 0.81}, "accuracy")
+        >>> v["recommended"], round(v["gain"]["mean"], 3), v["excludes_zero"]
+        ('llrd', 0.025, False)
+    """
+    seeds = sorted(set(test_plain) & set(test_llrd))
+    sign = 1 if greater else -1
+    ci = paired_interval([sign * (test_llrd[s] - test_plain[s]) for s in seeds], confidence)
+    llrd_wins = (llrd["mean"] > plain["mean"]) if greater else (llrd["mean"] < plain["mean"])
+    best, other = (llrd, plain) if llrd_wins else (plain, llrd)
+    mean_llrd = statistics.mean(test_llrd[s] for s in seeds) if seeds else math.nan
+    mean_plain = statistics.mean(test_plain[s] for s in seeds) if seeds else math.nan
+    what = f"{int(confidence * 100)}% t-interval over {len(seeds)} paired seeds"
+    if ci["low"] is None:
+        interval, excludes, conclusion = f"no interval ({what}: needs at least 2)", False, "too few seeds to tell"
+    else:
+        interval = f"{what} [{ci['low']:+.4f}, {ci['high']:+.4f}]"
+        excludes = ci["low"] > 0 or ci["high"] < 0
+        conclusion = (
+            "excludes 0: LLRD better"
+            if ci["low"] > 0
+            else "excludes 0: plain better"
+            if ci["high"] < 0
+            else "includes 0: no difference detected"
+        )
+    gain = f"{ci['mean']:+.4f}" if ci["mean"] is not None else "n/a"
+    head = (
+        f"use {best['label']} (best on validation)"
+        if llrd_wins
+        else f"use plain fine-tuning, {best['label']} (best on validation)"
+    )
+    compared = (
+        f"vs the best plain setting ({other['label']})" if llrd_wins else f"the best LLRD setting ({other['label']})"
+    )
+    line = (
+        f"verdict: {head}; {compared}: test {metric} {mean_llrd:.4f} (LLRD) vs {mean_plain:.4f} (plain), "
+        f"paired gain {gain}, {interval}: {conclusion}."
+    )
+    return {
+        "recommended": "llrd" if llrd_wins else "plain",
+        "best": best["label"],
+        "plain": plain["label"],
+        "llrd": llrd["label"],
+        "seeds": seeds,
+        "test_plain": [test_plain[s] for s in seeds],
+        "test_llrd": [test_llrd[s] for s in seeds],
+        "gain": ci,
+        "excludes_zero": excludes,
+        "line": line,
+    }
+
+
+def edge_notes(chosen: dict, arm: list[dict]) -> list[str]:
+    """Warnings when an arm's chosen value of a swept field lies at the edge of what that arm tried.
+
+    Example:
+        >>> arm = [{"layer_decay": 1.0, "learning_rate": r} for r in (5e-5, 1e-4)]
+        >>> edge_notes({"label": "x", "setting": arm[0], "arm": "plain"}, arm)
+        ['the best plain setting has the lowest learning_rate tried (5e-05): the optimum may lie beyond the grid']
+    """
+    notes = []
+    for key, value in chosen["setting"].items():
+        tried = sorted({s[key] for s in arm if isinstance(s[key], int | float) and not isinstance(s[key], bool)})
+        if len(tried) < 2 or value not in tried or value not in (tried[0], tried[-1]):
+            continue
+        edge = "lowest" if value == tried[0] else "highest"
+        notes.append(
+            f"the best {chosen['arm']} setting has the {edge} {key} tried ({value:g}): the optimum may lie "
+            "beyond the grid"
+        )
+    return notes
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _spread(row: dict) -> str:
+    if not row.get("worst"):
+        return "-"
+    (ws, wv), (bs, bv) = row["worst"], row["best"]
+    return f"{wv:.4f} (seed {ws}) – {bv:.4f} (seed {bs})"
+
+
+def _reach(row: dict) -> str:
+    steps = row.get("steps_to_target") or {}
+    reached = [s for s in steps.values() if s is not None]
+    if not steps:
+        return "-"
+    if not reached:
+        return f"never (0/{len(steps)})"
+    return f"{statistics.median(reached):g} ({len(reached)}/{len(steps)})"
+
+
+def markdown(
+    header: list[str], rows: list[dict], test_rows: list[dict], metric: str, target: float | None, footer: list[str]
+) -> str:
+    """``table.md``: every setting on validation, the two chosen settings on test, then ``footer`` lines
+    (notes and the verdict)."""
+    lines = [*header, ""]
+    lines += [
+        f"**Validation** ({metric} at the last evaluation; selection uses only this table):",
+        "",
+        f"| arm | setting | seeds | val {metric} mean ± std | worst – best seed | steps to val {metric} "
+        f"{'≥' if greater_is_better(metric) else '≤'} {_fmt(target)} (median; seeds reaching) | time / trial |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        seeds = f"{len(r['finals'])}" + (f" ({len(r['failed'])} failed)" if r["failed"] else "")
+        mean = "-" if r["mean"] is None else f"{r['mean']:.4f} ± {r['std']:.4f}"
+        secs = "-" if r["seconds_mean"] is None else f"{r['seconds_mean']:.0f} s"
+        lines.append(f"| {r['arm']} | {r['label']} | {seeds} | {mean} | {_spread(r)} | {_reach(r)} | {secs} |")
+    if test_rows:
+        lines += [
+            "",
+            "**Test** (reported once, for the setting each arm chose on validation; each seed re-run with the "
+            "test split):",
+            "",
+            f"| arm | chosen setting | test {metric} mean ± std | worst – best seed | per seed |",
+            "|---|---|---|---|---|",
+        ]
+        for r in test_rows:
+            per_seed = ", ".join(f"{v:.4f}" for v in r["finals"].values())
+            mean = "-" if r["mean"] is None else f"{r['mean']:.4f} ± {r['std']:.4f}"
+            lines.append(f"| {r['arm']} | {r['label']} | {mean} | {_spread(r)} | {per_seed} |")
+    return "\n".join([*lines, "", *footer]) + "\n"

@@ -1,0 +1,227 @@
+"""One trial of a sweep: its config file, its command line, its own process, and the record it leaves behind
+(``trial.json``), which a resumed sweep reads instead of running the trial again."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .grid import slug
+
+logger = logging.getLogger("llrd.sweep")
+
+RECORD = "trial.json"
+# keys of an eval log entry that describe speed, not quality
+_TIMING = ("runtime", "samples_per_second", "steps_per_second")
+# config keys a trial never inherits: test data is for the test phase only, Hub data could bring its own test
+_DROPPED = ("dataset_name", "dataset_config_name", "test_file")
+
+
+@dataclass
+class Trial:
+    """A setting trained with one seed; ``phase`` is "tune" (validation only) or "test" (adds the test split).
+
+    Example:
+        >>> Trial("tune", {"layer_decay": 0.8}, 2).id
+        'tune/layer_decay-0.8__seed-2'
+    """
+
+    phase: str
+    setting: dict[str, Any]
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.phase}/{slug(self.setting)}__seed-{self.seed}"
+
+
+def trial_config(base: dict, trial: Trial, out_dir: Path, files: dict[str, dict]) -> dict:
+    """The recipe config of one trial: the base config, the setting, the seed, the sweep's data files, no
+    checkpoints; the test file only in the test phase.
+
+    Example:
+        >>> files = {s: {"path": f"/d/{s}.csv"} for s in ("train", "validation", "test")}
+        >>> trial_config({"max_steps": 9}, Trial("tune", {"layer_decay": 0.8}, 1), Path("/o"), files)["seed"]
+        1
+    """
+    cfg = {k: v for k, v in base.items() if k not in _DROPPED}
+    cfg.update(trial.setting)
+    cfg.update(
+        seed=trial.seed,
+        output_dir=str(Path(out_dir) / "trials" / trial.id),
+        train_file=files["train"]["path"],
+        validation_file=files["validation"]["path"],
+        save_strategy="no",
+    )
+    if trial.phase == "test":
+        cfg["test_file"] = files["test"]["path"]
+    cfg.setdefault("disable_tqdm", True)
+    return cfg
+
+
+def command(script: str, config_path: Path, launcher: list[str] | None = None) -> list[str]:
+    """The trial's command line: ``python SCRIPT CONFIG``, or ``LAUNCHER... SCRIPT CONFIG`` (e.g. ``accelerate
+    launch --config_file ddp.yaml``, which runs the script with its own processes).
+
+    Example:
+        >>> command("recipes/text_classification.py", Path("c.json"), ["accelerate", "launch"])
+        ['accelerate', 'launch', 'recipes/text_classification.py', 'c.json']
+    """
+    return [*(launcher or [sys.executable]), script, str(config_path)]
+
+
+def fingerprint(cfg: dict, script: str, launcher: list[str] | None, files: dict[str, dict]) -> dict:
+    """What must be equal for a finished trial to be reused: config, script, launcher, data contents."""
+    data = {split: info["sha"] for split, info in files.items()}
+    return json.loads(json.dumps({"config": cfg, "script": script, "launcher": launcher or [], "data": data}))
+
+
+def _difference(old: dict, new: dict, where: str = "") -> str:
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            if a != b:
+                return _difference(a, b, f"{where}{key}.")
+        elif a != b:
+            return f"{where}{key}: {a!r} there, {b!r} now"
+    return "no difference"
+
+
+def load_record(trial_dir: Path, expected: dict) -> dict | None:
+    """The finished record of a trial, or None when it must (re)run (never run, interrupted or failed).
+
+    Raises ValueError when the trial finished with other settings than this sweep would give it.
+    """
+    path = Path(trial_dir) / RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if record.get("status") != "ok":
+        return None
+    if record.get("fingerprint") != expected:
+        raise ValueError(
+            f"{trial_dir} finished with other settings than this sweep gives it "
+            f"({_difference(record.get('fingerprint') or {}, expected)}); use another --output_dir, or delete "
+            "that folder to run it again"
+        )
+    return record
+
+
+def failure_line(log: str, returncode: int) -> str:
+    """The line that says why a trial failed: its last ``error:`` line, else its last line.
+
+    Example:
+        >>> failure_line("step 1\\nerror: layer_decay=2 is outside (0, 1]\\n", 1)
+        'exit code 1: error: layer_decay=2 is outside (0, 1]'
+    """
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line.lower()[:40]]
+    last = errors[-1] if errors else (lines[-1] if lines else "no output")
+    return f"exit code {returncode}: {last[:300]}"
+
+
+def read_outputs(trial_dir: Path, metric: str, phase: str) -> dict:
+    """Per-eval metrics from ``trainer_state.json`` and, in the test phase, ``test_results.json``."""
+    state_path = Path(trial_dir) / "trainer_state.json"
+    if not state_path.is_file():
+        raise ValueError(f"the script wrote no {state_path.name} in {trial_dir}")
+    history = json.loads(state_path.read_text())["log_history"]
+    evals = [
+        {"step": h["step"], **{k[5:]: v for k, v in h.items() if k.startswith("eval_") and k[5:] not in _TIMING}}
+        for h in history
+        if f"eval_{metric}" in h
+    ]
+    if not evals:
+        keys = sorted({k for h in history for k in h if k.startswith("eval_")})
+        raise ValueError(f"no eval_{metric} in {state_path} (eval keys: {keys}); set --metric to one of them")
+    out = {"evals": evals, "curve": [[e["step"], e[metric]] for e in evals], "final": evals[-1][metric]}
+    if phase == "test":
+        test_path = Path(trial_dir) / "test_results.json"
+        test = json.loads(test_path.read_text()) if test_path.is_file() else {}
+        if f"test_{metric}" not in test:
+            raise ValueError(f"no test_{metric} in {test_path}")
+        out["test"] = {k[5:]: v for k, v in test.items() if k.startswith("test_") and k[5:] not in _TIMING}
+    return out
+
+
+def _drop_weights(trial_dir: Path) -> None:
+    for path in Path(trial_dir).iterdir():
+        if path.is_dir() and path.name.startswith("checkpoint-"):
+            shutil.rmtree(path)
+        elif path.suffix == ".safetensors" or (path.name.startswith("pytorch_model") and path.suffix == ".bin"):
+            path.unlink()
+
+
+def _run_process(cmd: list[str], log_path: Path, cwd: Path, timeout: float | None) -> int:
+    """Run ``cmd`` in its own process group (a launcher's workers included), output to ``log_path``; on a
+    timeout or Ctrl-C the whole group is killed."""
+    env = {**os.environ}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except BaseException:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            raise
+
+
+def run_trial(
+    trial: Trial,
+    cfg: dict,
+    expected: dict,
+    cmd_prefix: tuple[str, list[str] | None],
+    metric: str,
+    timeout: float | None = None,
+    keep_models: bool = False,
+    cwd: Path | None = None,
+) -> dict:
+    """Run one trial in its own process and return (and write) its record; a failure is recorded, not raised."""
+    from llrd.manifest import atomic_write_text
+
+    trial_dir = Path(cfg["output_dir"])
+    if trial_dir.exists():  # an interrupted or failed attempt: never read its stale outputs
+        shutil.rmtree(trial_dir)
+    trial_dir.mkdir(parents=True)
+    config_path = trial_dir / "config.json"
+    atomic_write_text(config_path, json.dumps(cfg, indent=1))
+    script, launcher = cmd_prefix
+    cmd = command(script, config_path, launcher)
+    record = {"id": trial.id, "phase": trial.phase, "setting": trial.setting, "seed": trial.seed, "command": cmd}
+    start = time.perf_counter()
+    try:
+        rc = _run_process(cmd, trial_dir / "log.txt", Path(cwd or os.getcwd()), timeout)
+    except subprocess.TimeoutExpired:
+        rc, error = None, f"timed out after {timeout:g} s (--trial_timeout)"
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    if rc is not None:
+        log = (trial_dir / "log.txt").read_text(errors="replace")
+        error = failure_line(log, rc) if rc != 0 else None
+    if error is None:
+        try:
+            record.update(read_outputs(trial_dir, metric, trial.phase))
+        except (ValueError, KeyError, json.JSONDecodeError) as err:
+            error = f"{type(err).__name__}: {err}"
+    record["status"] = "failed" if error else "ok"
+    record["error"] = error
+    record["fingerprint"] = expected
+    if not keep_models:
+        _drop_weights(trial_dir)
+    atomic_write_text(trial_dir / RECORD, json.dumps(record, indent=1))
+    return record
