@@ -30,3 +30,50 @@ def shared_data() -> Path:
             pytest.fail(reason, pytrace=False)
         pytest.skip(reason)
     return DATA
+
+
+# --- suite time per marker -------------------------------------------------------------------------------
+# With LLRD_SUITE_TIMES=path, the session writes how long the fast and the slow tests took (setup + call +
+# teardown of each test, summed per marker) and the session's wall time; .ci/run sets it, and the README's
+# test-suite times quote the file it wrote.
+_SUITE: dict = {"fast": {"tests": 0, "seconds": 0.0}, "slow": {"tests": 0, "seconds": 0.0}}
+_SLOW_IDS: set[str] = set()
+
+
+def pytest_collection_modifyitems(config, items):
+    _SLOW_IDS.update(item.nodeid for item in items if item.get_closest_marker("slow"))
+
+
+def pytest_runtest_logreport(report):
+    kind = "slow" if report.nodeid in _SLOW_IDS else "fast"
+    _SUITE[kind]["seconds"] += report.duration
+    if report.when == "call" or (report.when == "setup" and report.skipped):
+        _SUITE[kind]["tests"] += 1
+
+
+def pytest_sessionstart(session):
+    import time
+
+    _SUITE["start"] = time.time()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = os.environ.get("LLRD_SUITE_TIMES")
+    if not path:
+        return
+    import json
+    import platform
+    import time
+
+    record = {
+        "command": "python -m pytest -q -ra (from .ci/run)",
+        "exit_status": int(exitstatus),
+        "wall_seconds": round(time.time() - _SUITE["start"], 1),
+        "fast": {"tests": _SUITE["fast"]["tests"], "seconds": round(_SUITE["fast"]["seconds"], 1)},
+        "slow": {"tests": _SUITE["slow"]["tests"], "seconds": round(_SUITE["slow"]["seconds"], 1)},
+        "cpus": os.cpu_count(),
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    Path(path).write_text(json.dumps(record, indent=1) + "\n")
