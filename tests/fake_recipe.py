@@ -43,6 +43,8 @@ out.mkdir(parents=True, exist_ok=True)
 (out / "world_size.txt").write_text(os.environ.get("WORLD_SIZE", "1"))
 if cfg.get("test_file"):
     rows = sum(1 for _ in open(cfg["test_file"])) - 1
-    test = {"test_accuracy": round(quality - 0.05 + seed_shift / 2, 6), "test_loss": 0.5, "test_rows": rows}
+    # LLRD's test gain varies by seed (0.020, 0.022, 0.024), so paired differences have a spread
+    gain = 0.002 * (cfg["seed"] % 3) if cfg["layer_decay"] < 1 else 0.0
+    test = {"test_accuracy": round(quality - 0.05 + seed_shift / 2 + gain, 6), "test_loss": 0.5, "test_rows": rows}
     (out / "test_results.json").write_text(json.dumps(test))
 print("done")

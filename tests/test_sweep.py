@@ -87,7 +87,19 @@ def test_verdict_when_plain_wins_and_when_the_interval_excludes_zero():
     v = report.verdict({"label": "p", "mean": 0.5}, {"label": "l", "mean": 0.4}, {0: 0.5, 1: 0.6}, {0: 0.4, 1: 0.5},
                        "loss", greater=False)  # fmt: skip
     assert v["recommended"] == "llrd" and v["gain"]["mean"] == pytest.approx(0.1) and v["gain"]["sd"] == 0
-    assert v["excludes_zero"] and "LLRD better" in v["line"]
+    # equal paired differences (accuracy moves in steps of 1/N) give no spread: no zero-width "significant" interval
+    assert not v["excludes_zero"] and v["gain"]["low"] is None
+    assert "every paired difference is +0.1000, no spread" in v["line"] and "not a conclusion" in v["line"]
+    v = report.verdict({"label": "p", "mean": 0.5}, {"label": "l", "mean": 0.4}, {0: 0.5, 1: 0.6, 2: 0.5},
+                       {0: 0.4, 1: 0.5, 2: 0.45}, "loss", greater=False)  # fmt: skip
+    # 0.1, 0.1, 0.05: sd 0.0289, t(0.975, 2) 4.3027 -> 0.0833 +- 0.0717: a real interval, and it excludes 0
+    assert v["excludes_zero"] and v["gain"]["low"] == pytest.approx(0.25 / 3 - 4.302653 * 0.0288675 / 3**0.5, abs=1e-6)
+    # validation picked LLRD, test clearly favours plain: the line says they disagree
+    v = report.verdict(llrd | {"mean": 0.7}, llrd, {0: 0.80, 1: 0.81, 2: 0.82}, {0: 0.70, 1: 0.72, 2: 0.71}, "acc")
+    assert v["recommended"] == "llrd" and v["excludes_zero"] and "Validation and test disagree" in v["line"]
+    # another confidence level is printed as given
+    v = report.verdict(plain, llrd, {0: 0.80, 1: 0.81, 2: 0.82}, {0: 0.70, 1: 0.72, 2: 0.71}, "acc", confidence=0.975)
+    assert "97.5% t-interval" in v["line"]
     # seeds are paired: a seed missing on one side (a failed trial) is left out of both
     v = report.verdict(plain, llrd, {0: 0.8, 1: 0.8, 2: 0.9}, {0: 0.7, 2: 0.7}, "accuracy")
     assert v["seeds"] == [0, 2] and v["gain"]["mean"] == pytest.approx(-0.15)
@@ -99,6 +111,16 @@ def test_failed_seeds_are_counted_and_an_arm_without_results_is_not_chosen():
     row = report.summarize([LLRD_A, LLRD_B], records)
     assert row[0]["finals"] == {0: 0.8} and row[0]["failed"] == [1] and row[0]["std"] == 0.0
     assert row[1]["mean"] is None and report.choose([row[1]]) is None
+    # a setting that lost a seed does not compete with complete ones on a mean over fewer seeds
+    rows = report.summarize([LLRD_A, LLRD_B], records + made_up(LLRD_B, [0.7, 0.7]))
+    assert rows[0]["mean"] > rows[1]["mean"] and report.choose(rows)["setting"] == LLRD_B
+    assert report.choose(rows[:1])["setting"] == LLRD_A  # no complete setting: the partial one still competes
+
+
+def test_metric_direction():
+    assert report.greater_is_better("accuracy") and report.greater_is_better("pearson")
+    assert not report.greater_is_better("loss") and not report.greater_is_better("mse")
+    assert not report.greater_is_better("wer") and report.greater_is_better("mse", override=True)
 
 
 def test_edge_notes_and_markdown():
@@ -261,8 +283,8 @@ def test_sweep_records_a_failed_trial_goes_on_and_resumes_without_rerunning(tmp_
         "llrd": "layer_decay=0.8, learning_rate=0.0001",
     }
     # the fake: quality 0.85 at lr 1e-4, +0.02 for LLRD; test = quality - 0.05 + (seed % 3 - 1) / 200
-    assert res["verdict"]["test_plain"] == [0.795, 0.8, 0.805] and res["verdict"]["test_llrd"] == [0.815, 0.82, 0.825]
-    assert res["verdict"]["gain"]["mean"] == pytest.approx(0.02) and res["verdict"]["excludes_zero"]
+    assert res["verdict"]["test_plain"] == [0.795, 0.8, 0.805] and res["verdict"]["test_llrd"] == [0.815, 0.822, 0.829]
+    assert res["verdict"]["gain"]["mean"] == pytest.approx(0.022) and res["verdict"]["excludes_zero"]
     assert proc.stdout.strip().splitlines()[-1] == res["verdict"]["line"]
     assert "[24/24]" in proc.stderr and "min left" in proc.stderr
     # tuning trials never saw the test file; test runs did, and reproduced their tuning run's validation curve
@@ -296,6 +318,54 @@ def test_sweep_records_a_failed_trial_goes_on_and_resumes_without_rerunning(tmp_
     assert sweep_main(sweep_args(tmp_path, *grid, "--max_steps", "30")) == 2
     assert "max_steps: 40 there, 30 now" in capsys.readouterr().err
     assert len(calls(tmp_path)) == before
+
+    # resumed with another --metric: the reused records are scored on that metric, not on the one they ran with
+    proc = sweep(tmp_path, *grid, "--metric", "loss")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert {t["final"] for t in res["trials"] if t["status"] == "ok"} == {0.6}  # the fake's eval_loss at step 40
+    assert "| plain | layer_decay=1, learning_rate=0.0001 | 3 | 0.6000 ± 0.0000 |" in (out / "table.md").read_text()
+
+    # a second sweep on the same folder while one runs is refused
+    import fcntl
+
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert sweep_main(sweep_args(tmp_path, *grid)) == 2
+        assert "another llrd sweep is running there" in capsys.readouterr().err
+
+
+def test_a_metric_the_script_does_not_log_stops_the_sweep_after_one_trial(tmp_path):
+    proc = sweep(tmp_path, "--seeds", "2", "--layer_decay", "0.8", "--metric", "f1")
+    assert proc.returncode == 2 and "--metric f1: no eval_f1" in proc.stderr and "eval_accuracy" in proc.stderr
+    assert len(calls(tmp_path)) == 1
+
+
+def test_the_plain_arm_drops_llrd_settings_and_llrd_only_axes_vary_the_llrd_arm():
+    files = {s: {"path": f"/d/{s}.csv"} for s in ("train", "validation", "test")}
+    base = {"learning_rate": 1e-4, "head_lr_scale": 10.0, "reinit_top_blocks": 1, "layer_stats": "none"}
+    plain = trials.trial_config(base, trials.Trial("tune", PLAIN_A, 0), Path("/o"), files)
+    assert "head_lr_scale" not in plain and "reinit_top_blocks" not in plain and plain["layer_stats"] == "none"
+    llrd = trials.trial_config(base, trials.Trial("tune", LLRD_A, 0), Path("/o"), files)
+    assert llrd["head_lr_scale"] == 10.0 and llrd["reinit_top_blocks"] == 1
+    plain_arm, llrd_arm = expand({"layer_decay": [0.8], "head_lr_scale": [1.0, 10.0], "weight_decay": [0.0]}, 1e-4)
+    assert [s["head_lr_scale"] for s in llrd_arm] == [1.0, 10.0] and all("head_lr_scale" not in s for s in plain_arm)
+    assert [s["learning_rate"] for s in plain_arm] == [5e-5, 1e-4]  # two LLRD settings: two plain rates
+    with pytest.raises(ValueError, match="a value is given twice"):
+        expand({"layer_decay": [0.8, 0.8]}, 1e-4)
+
+
+def test_bad_numbers_scripts_and_files_are_refused_before_anything_runs(tmp_path, capsys):
+    for extra, message in (
+        (["--validation_size", "0"], "--validation_size 0: must be at least 1 row"),
+        (["--train_size", "-5"], "--train_size -5: must be at least 1 row"),
+        (["--confidence", "95"], "--confidence 95: must lie strictly between 0 and 1"),
+        (["--script", "no/such.py"], "--script no/such.py: no such file"),
+        (["--test_file", "~/no-such-file.csv"], "no-such-file.csv: file not found"),
+    ):
+        assert sweep_main(sweep_args(tmp_path, "--layer_decay", "0.8", *extra)) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "out" / "trials").exists()
 
 
 def test_transient_failures_are_retried_on_resume(tmp_path):
@@ -341,7 +411,7 @@ def test_a_trial_runs_under_a_launcher_with_its_processes(tmp_path):
     trial = trials.Trial("tune", {"layer_decay": 0.8, "learning_rate": 1e-4}, 0)
     cfg = trials.trial_config({"max_steps": 20, "eval_steps": 10}, trial, tmp_path, files)
     launcher = [accelerate, "launch", "--config_file", "recipes/accelerate/cpu_2proc.yaml", "--main_process_port", "0"]
-    expected = trials.fingerprint(cfg, FAKE, launcher, files)
+    expected = trials.fingerprint(cfg, FAKE, launcher, files, "tune")
     record = trials.run_trial(trial, cfg, expected, (FAKE, launcher), "accuracy", timeout=240, cwd=ROOT)
     assert record["status"] == "ok", (Path(cfg["output_dir"]) / "log.txt").read_text()[-3000:]
     assert record["command"][:2] == [accelerate, "launch"]

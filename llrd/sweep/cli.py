@@ -68,6 +68,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--trial_timeout", type=float, help="seconds after which a trial is killed and marked failed")
     p.add_argument("--keep_models", action="store_true", help="keep each trial's weights (default: delete them)")
     p.add_argument("--confidence", type=float, default=0.95, help="level of the t-interval (default: 0.95)")
+    p.add_argument(
+        "--greater_is_better",
+        choices=("true", "false"),
+        help="whether a higher --metric is better (default: false for names ending in 'loss' and for mse, mae, "
+        "rmse, perplexity, error, wer, cer; true otherwise)",
+    )
     return p
 
 
@@ -139,17 +145,25 @@ def build_spec(argv: list[str]):
     from .core import SweepSpec
 
     ns, rest = parser().parse_known_args(argv)
+    _check_numbers(ns)
     config = load_config(ns.config)
-    config.update({key: getattr(ns, key) for key in DATA_KEYS if getattr(ns, key)})
+    given = {key: os.path.expanduser(getattr(ns, key)) for key in DATA_KEYS if getattr(ns, key)}
+    kept = [key for key in DATA_KEYS if key not in given and config.get(key)]
+    if given and kept:
+        logger.warning(
+            "data: %s from the command line, %s from the config (%s)",
+            ", ".join(f"--{k}" for k in given),
+            ", ".join(kept),
+            "; ".join(f"{k}={config[k]}" for k in kept),
+        )
+    config.update(given)
     grid = parse_grid(rest, config)
     # one-valued axes are plain overrides: fold them into the config so the settings' names stay short
     fixed = {k: v[0] for k, v in grid.items() if len(v) == 1 and k not in ("layer_decay", "learning_rate")}
     grid = {k: v for k, v in grid.items() if k not in fixed}
     if "learning_rate" in grid and len(grid["learning_rate"]) == 1:
         config = {**config, "learning_rate": grid["learning_rate"][0]}
-    if ns.seeds < 1:
-        raise ValueError(f"--seeds {ns.seeds}: need at least 1 (5 or more for a useful interval)")
-    special = {"config", "grid", "output_dir", "launcher", "command", "title"}
+    special = {"config", "grid", "output_dir", "launcher", "command", "title", "greater_is_better"}
     same_name = {f.name: getattr(ns, f.name) for f in dataclasses.fields(SweepSpec) if f.name not in special}
     return SweepSpec(
         config={**config, **fixed},
@@ -157,8 +171,28 @@ def build_spec(argv: list[str]):
         output_dir=Path(ns.output_dir),
         launcher=shlex.split(ns.launcher) if ns.launcher else None,
         command="llrd sweep " + shlex.join(argv),
+        greater_is_better=None if ns.greater_is_better is None else ns.greater_is_better == "true",
         **same_name,
     )
+
+
+def _check_numbers(ns: argparse.Namespace) -> None:
+    """Counts, sizes and the confidence level, checked before anything runs."""
+    if ns.seeds < 1:
+        raise ValueError(f"--seeds {ns.seeds}: need at least 1 (5 or more for a useful interval)")
+    for name in ("train_size", "validation_size", "test_size"):
+        value = getattr(ns, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} {value}: must be at least 1 row (leave it out to use the whole file)")
+    if not 0 < ns.confidence < 1:
+        raise ValueError(f"--confidence {ns.confidence:g}: must lie strictly between 0 and 1, e.g. 0.95")
+    if ns.trial_timeout is not None and ns.trial_timeout <= 0:
+        raise ValueError(f"--trial_timeout {ns.trial_timeout:g}: must be a positive number of seconds")
+
+
+def _terminate(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    """SIGTERM ends the sweep like Ctrl-C: the running trial's process group is killed on the way out."""
+    raise KeyboardInterrupt
 
 
 def setup_logging() -> None:
@@ -176,6 +210,11 @@ def main(argv: list[str]) -> int:
     from .core import run_sweep
 
     setup_logging()
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         spec = build_spec(argv)
         result = run_sweep(spec)

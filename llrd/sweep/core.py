@@ -14,6 +14,7 @@ from typing import Any
 
 from . import data, report, trials
 from .grid import expand, label
+from .grid import llrd_only_fields as grid_llrd_only
 from .plot import plot
 
 logger = logging.getLogger("llrd.sweep")
@@ -45,6 +46,7 @@ class SweepSpec:
     trial_timeout: float | None = None
     keep_models: bool = False
     confidence: float = 0.95
+    greater_is_better: bool | None = None
     command: str = ""
     title: str = ""
 
@@ -118,13 +120,17 @@ class _Runner:
         spec, plan = self.spec, []
         for trial in batch:
             cfg = self.config(trial)
-            expected = trials.fingerprint(cfg, spec.script, spec.launcher, self.files)
+            expected = trials.fingerprint(cfg, spec.script, spec.launcher, self.files, trial.phase)
             plan.append((trial, cfg, expected, trials.load_record(Path(cfg["output_dir"]), expected)))
         self.progress.pending = sum(done is None for *_, done in plan) + later
         for trial, cfg, expected, done in plan:
             rec = done or trials.run_trial(
                 trial, cfg, expected, (spec.script, spec.launcher), spec.metric, spec.trial_timeout, spec.keep_models
             )
+            if trials.metric_missing(rec.get("error")):  # every other trial would train for nothing
+                _write_json(self.out / "results.json", {**self.record, "trials": [*self.record["trials"], rec]})
+                raise ValueError(f"--metric {spec.metric}: {rec['error'].removeprefix('ValueError: ')}")
+            rec = trials.with_metric(rec, spec.metric)  # a reused record may have been run with another --metric
             self.record["trials"].append(rec)
             self.progress.step(rec, reused=done is not None)
             _write_json(self.out / "results.json", self.record)  # partial results survive a crash
@@ -140,8 +146,14 @@ def run_sweep(spec: SweepSpec) -> dict:
     """
     began = time.perf_counter()
     _check_dependencies()
+    _check_script(spec)
     out = Path(spec.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    with _lock(out):  # a second sweep on the same folder would delete this one's live trials
+        return _run_locked(spec, out, began)
+
+
+def _run_locked(spec: SweepSpec, out: Path, began: float) -> dict:
     _check_data_settings(spec.config)
     files = data.prepare(spec.config, out, spec.train_size, spec.validation_size, spec.test_size, spec.split_seed)
     plain, llrd = expand(spec.grid, float(spec.config.get("learning_rate", 5e-5)), spec.plain_learning_rate)
@@ -158,17 +170,46 @@ def run_sweep(spec: SweepSpec) -> dict:
     check_settings([(label(s), runner.config(trials.Trial("tune", s, 0))) for s in plain + llrd])
     logger.info("%d settings x %d seeds, then the 2 chosen x %d seeds on test", len(plain + llrd), *[spec.seeds] * 2)
     runner.run([trials.Trial("tune", s, k) for k in range(spec.seeds) for s in plain + llrd], later=2 * spec.seeds)
-    greater = report.greater_is_better(spec.metric)
+    greater = report.greater_is_better(spec.metric, spec.greater_is_better)
     chosen = [report.choose(report.summarize(arm, record["trials"], greater), greater) for arm in (plain, llrd)]
     if None in chosen:
         _write_json(out / "results.json", record)
-        arm = "plain" if chosen[0] is None else "LLRD"
-        raise RuntimeError(f"every {arm} trial failed: no verdict (see the errors in {out / 'results.json'})")
+        arm, settings = ("plain", plain) if chosen[0] is None else ("LLRD", llrd)
+        errors = [r["error"] for r in record["trials"] if r["setting"] in settings and r["error"]]
+        common = max(set(errors), key=errors.count) if errors else "no error recorded"
+        raise RuntimeError(
+            f"every {arm} trial failed: no verdict; most common error ({errors.count(common)} of {len(errors)}): "
+            f"{common} (all errors: {out / 'results.json'})"
+        )
     runner.run([trials.Trial("test", row["setting"], k) for row in chosen for k in range(spec.seeds)])
     _conclude(spec, record, plain, llrd, chosen, greater)
     record.update(wall_seconds_this_invocation=round(time.perf_counter() - began, 1))
-    _write_outputs(spec, out, files, record)
+    _write_outputs(spec, out, files, record, greater)
     return record
+
+
+def _check_script(spec: SweepSpec) -> None:
+    """Without a launcher the script must be a file here (paths are relative to the working directory)."""
+    if not spec.launcher and not Path(spec.script).is_file():
+        raise ValueError(
+            f"--script {spec.script}: no such file from {Path.cwd()}; run llrd sweep from the project root or give "
+            "the script's path"
+        )
+
+
+def _lock(out: Path):
+    """An exclusive lock on ``out/.lock`` for this process; ValueError when another sweep holds it."""
+    import fcntl
+
+    handle = open(out / ".lock", "w")  # noqa: SIM115 - held for the sweep's lifetime
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        handle.close()
+        raise ValueError(
+            f"--output_dir {out}: another llrd sweep is running there; wait for it or use another folder"
+        ) from err
+    return handle
 
 
 def _check_data_settings(config: dict) -> None:
@@ -199,6 +240,15 @@ def _conclude(spec: SweepSpec, record: dict, plain: list, llrd: list, chosen: li
         _write_json(Path(record["sweep"]["output_dir"]) / "results.json", record)
         raise RuntimeError("no seed has test results for both chosen settings: no verdict (see results.json)")
     notes = report.edge_notes(best_plain, plain) + report.edge_notes(best_llrd, llrd)
+    notes += [
+        f"no {row['arm']} setting finished every seed; {row['label']} was chosen on the seeds that did "
+        f"({sorted(row['finals'])})"
+        for row in chosen
+        if row["failed"]
+    ]
+    dropped = sorted(k for k in spec.config if k in grid_llrd_only())
+    if dropped:
+        notes.append(f"LLRD settings of the config applied to the LLRD arm only: {', '.join(dropped)}")
     record.update(
         summary=report.summarize(plain + llrd, record["trials"], greater, target),
         target=target,
@@ -210,15 +260,15 @@ def _conclude(spec: SweepSpec, record: dict, plain: list, llrd: list, chosen: li
     )
 
 
-def _write_outputs(spec: SweepSpec, out: Path, files: dict, record: dict) -> None:
+def _write_outputs(spec: SweepSpec, out: Path, files: dict, record: dict, greater: bool = True) -> None:
     """``results.json``, ``table.md`` and ``sweep.png``."""
-    from llrd.manifest import atomic_write_text
+    from llrd.files import atomic_write_text
 
     _write_json(out / "results.json", record)
     rows, verdict, notes = record["summary"], record["verdict"], record["notes"]
     header = _header(spec, files, record)
     footer = [f"Note: {n}" for n in notes] + ([""] if notes else []) + [f"**{verdict['line']}**"]
-    text = report.markdown(header, rows, record["test"], spec.metric, record["target"], footer)
+    text = report.markdown(header, rows, record["test"], spec.metric, record["target"], footer, greater)
     atomic_write_text(out / "table.md", text)
     data_name = "/".join(Path(files["train"]["source"]).parts[-2:])
     title = spec.title or (
@@ -282,6 +332,6 @@ def _environment() -> dict:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from llrd.manifest import atomic_write_text
+    from llrd.files import atomic_write_text
 
     atomic_write_text(path, json.dumps(obj, indent=1, default=str))

@@ -21,7 +21,10 @@ def read_rows(path: Path) -> tuple[list[str], list[dict]]:
     if path.suffix != ".csv":
         raise ValueError(f"{path}: llrd sweep samples and splits CSV files only (text,label columns)")
     if not path.is_file():
-        raise ValueError(f"{path}: file not found (paths in the config are relative to the working directory)")
+        raise ValueError(
+            f"{path}: file not found (paths in the config are relative to the config file's folder, paths given "
+            "as --train_file/--validation_file/--test_file to the working directory)"
+        )
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
@@ -29,7 +32,7 @@ def read_rows(path: Path) -> tuple[list[str], list[dict]]:
 
 
 def write_rows(path: Path, header: list[str], rows: list[dict]) -> None:
-    from llrd.manifest import atomic_write_text
+    from llrd.files import atomic_write_text
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=header, lineterminator="\n")
@@ -51,14 +54,14 @@ def split_rows(
     """
     shuffled = list(rows)
     random.Random(seed).shuffle(shuffled)
-    cut = validation_size or 0
+    cut = validation_size if validation_size is not None else 0
     need = cut + (train_size or 1)
     if need > len(shuffled):
         raise ValueError(
             f"--validation_size {cut} + --train_size {train_size} need {need} rows; the training file has "
             f"{len(shuffled)}"
         )
-    validation = shuffled[:cut] if validation_size else None
+    validation = shuffled[:cut] if validation_size is not None else None
     train = shuffled[cut:]
     return (train[:train_size] if train_size else train), validation
 
@@ -98,7 +101,10 @@ def prepare(
         )
     data_dir = Path(out_dir) / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    sources = {s: Path(config[f"{s}_file"]) for s in SPLITS if config.get(f"{s}_file")}
+    sources = {s: Path(config[f"{s}_file"]).expanduser() for s in SPLITS if config.get(f"{s}_file")}
+    for path in sources.values():  # every file checked before any is read or written
+        if path.suffix != ".csv" or not path.is_file():
+            read_rows(path)
     out: dict[str, dict] = {}
 
     def keep(split: str, rows: list[dict] | None, header: list[str], how: str) -> None:
@@ -124,26 +130,36 @@ def prepare(
         )
     else:
         if train_size is None:
-            keep("train", None, [], "as given")
+            keep("train", None, [], f"{sources['train']}, as given")
         else:
             header, rows = read_rows(sources["train"])
-            keep("train", sample_rows(rows, train_size, seed, "train"), header, f"{train_size} rows, seed {seed}")
+            keep(
+                "train",
+                sample_rows(rows, train_size, seed, "train"),
+                header,
+                f"{train_size} rows of {sources['train']}, seed {seed}",
+            )
         if validation_size is None:
-            keep("validation", None, [], "as given")
+            keep("validation", None, [], f"{sources['validation']}, as given")
         else:
             header, rows = read_rows(sources["validation"])
             keep(
                 "validation",
                 sample_rows(rows, validation_size, seed, "validation"),
                 header,
-                f"{validation_size} rows, seed {seed}",
+                f"{validation_size} rows of {sources['validation']}, seed {seed}",
             )
     if "test" in sources:
         if test_size is None:
-            keep("test", None, [], "as given")
+            keep("test", None, [], f"{sources['test']}, as given")
         else:
             header, rows = read_rows(sources["test"])
-            keep("test", sample_rows(rows, test_size, seed, "test"), header, f"{test_size} rows, seed {seed}")
+            keep(
+                "test",
+                sample_rows(rows, test_size, seed, "test"),
+                header,
+                f"{test_size} rows of {sources['test']}, seed {seed}",
+            )
     for split, info in out.items():
         logger.info("data: %s = %d rows (%s)", split, info["rows"], info["how"])
     return out

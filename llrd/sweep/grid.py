@@ -11,6 +11,21 @@ from enum import Enum
 from typing import Any
 
 PLAIN_DECAY = 1.0
+# LLRD settings that only change what llrd logs or checks, not how the model trains: the plain arm keeps them
+_NEUTRAL = ("layer_decay", "layer_stats", "verify_rates")
+
+
+def llrd_only_fields() -> frozenset[str]:
+    """The LLRD settings that change training (``head_lr_scale``, ``adaptive_lr``, ...) other than
+    ``layer_decay``: plain fine-tuning has none of them, so the sweep applies them to the LLRD arm only.
+
+    Example:
+        >>> "head_lr_scale" in llrd_only_fields(), "learning_rate" in llrd_only_fields()
+        (True, False)
+    """
+    from llrd.args import llrd_field_names
+
+    return frozenset(llrd_field_names()) - frozenset(_NEUTRAL)
 
 
 def label(setting: dict[str, Any]) -> str:
@@ -68,18 +83,28 @@ def widen(rates: list[float], n: int) -> list[float]:
 
 
 def expand(
-    grid: dict[str, list[Any]], base_learning_rate: float, plain_learning_rates: list[float] | None = None
+    grid: dict[str, list[Any]],
+    base_learning_rate: float,
+    plain_learning_rates: list[float] | None = None,
+    llrd_only: frozenset[str] | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """(plain settings, LLRD settings), each the product of the other axes with its rates and decays.
 
-    The plain arm always has as many settings as the LLRD arm (equal tuning budget): its learning rates are
-    ``plain_learning_rates`` when given (their count must match), else the grid's rates, widened.
+    The plain arm always has as many settings per shared combination as the LLRD arm (equal tuning budget): its
+    learning rates are ``plain_learning_rates`` when given (their count must match), else the grid's rates,
+    widened. Axes in ``llrd_only`` (default: :func:`llrd_only_fields`, e.g. ``head_lr_scale``) vary the LLRD arm
+    only and count in its budget; repeated values are refused.
 
     Example:
         >>> plain, llrd = expand({"layer_decay": [0.8], "learning_rate": [1e-4, 2e-4]}, 5e-5)
         >>> [s["learning_rate"] for s in plain], len(llrd)
         ([0.0001, 0.0002], 2)
     """
+    for key, values in grid.items():
+        names = [label({key: v}) for v in values]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--{key} {' '.join(str(v) for v in values)}: a value is given twice; list each once")
+    llrd_only = llrd_only_fields() if llrd_only is None else llrd_only
     decays = [float(d) for d in grid.get("layer_decay", [])]
     llrd_decays = [d for d in decays if d != PLAIN_DECAY]
     if not llrd_decays:
@@ -88,17 +113,28 @@ def expand(
             "to compare with plain fine-tuning, e.g. --layer_decay 0.9 0.8"
         )
     rates = [float(r) for r in grid.get("learning_rate", [base_learning_rate])]
-    others = {k: v for k, v in grid.items() if k not in ("layer_decay", "learning_rate")}
-    combos = [dict(zip(others, values, strict=True)) for values in itertools.product(*others.values())]
-    llrd = [{"layer_decay": d, "learning_rate": r, **combo} for d in llrd_decays for r in rates for combo in combos]
-    wanted = len(llrd_decays) * len(rates)
+    shared = {k: v for k, v in grid.items() if k not in ("layer_decay", "learning_rate") and k not in llrd_only}
+    own = {k: v for k, v in grid.items() if k in llrd_only}
+    combos = [dict(zip(shared, values, strict=True)) for values in itertools.product(*shared.values())]
+    own_combos = [dict(zip(own, values, strict=True)) for values in itertools.product(*own.values())]
+    llrd = [
+        {"layer_decay": d, "learning_rate": r, **o, **combo}
+        for d in llrd_decays
+        for r in rates
+        for o in own_combos
+        for combo in combos
+    ]
+    wanted = len(llrd_decays) * len(rates) * len(own_combos)
     if plain_learning_rates:
         plain_rates = [float(r) for r in plain_learning_rates]
         if len(plain_rates) != wanted:
             raise ValueError(
                 f"--plain_learning_rate has {len(plain_rates)} values but the LLRD arm tunes {wanted} "
-                f"(decay, rate) pairs; give {wanted} plain rates so both arms get the same tuning budget"
+                f"(decay, rate{', LLRD-only settings' if own else ''}) combinations; give {wanted} plain rates so "
+                "both arms get the same tuning budget"
             )
+        if len(set(plain_rates)) != len(plain_rates):
+            raise ValueError(f"--plain_learning_rate {' '.join(f'{r:g}' for r in plain_rates)}: a rate is repeated")
     else:
         plain_rates = widen(rates, wanted)
     plain = [{"layer_decay": PLAIN_DECAY, "learning_rate": r, **combo} for r in plain_rates for combo in combos]

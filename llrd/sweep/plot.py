@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import tempfile
 from pathlib import Path
 
 
@@ -56,7 +57,12 @@ def plot(rows: list[dict], records: list[dict], chosen: list[str], metric: str, 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).stem}.{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).stem}.", suffix=".png", dir=Path(path).parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)

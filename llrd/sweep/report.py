@@ -10,15 +10,21 @@ from typing import Any
 
 from .grid import is_plain, label
 
+# metric names (after ``eval_``) where lower is better, besides every name ending in "loss"
+LOWER_IS_BETTER = ("mse", "mae", "rmse", "perplexity", "error", "error_rate", "wer", "cer")
 
-def greater_is_better(metric: str) -> bool:
-    """Trainer's rule: losses are minimised, everything else maximised.
+
+def greater_is_better(metric: str, override: bool | None = None) -> bool:
+    """Whether a higher ``metric`` is better: ``override`` when given (``--greater_is_better``), else False for
+    losses and the error-like names of ``LOWER_IS_BETTER`` (``mse``, ``wer``, ...), True for everything else.
 
     Example:
-        >>> greater_is_better("accuracy"), greater_is_better("loss")
-        (True, False)
+        >>> greater_is_better("accuracy"), greater_is_better("loss"), greater_is_better("mse")
+        (True, False, False)
     """
-    return not metric.endswith("loss")
+    if override is not None:
+        return override
+    return not (metric.endswith("loss") or metric in LOWER_IS_BETTER)
 
 
 def steps_to(curve: list[list[float]], target: float, greater: bool = True) -> int | None:
@@ -78,14 +84,20 @@ def summarize(
 def choose(rows: list[dict], greater: bool = True) -> dict | None:
     """The row with the best mean validation value (the first in grid order on a tie); None if none ran.
 
+    Only settings whose every seed finished are eligible, so means over different seeds are never compared;
+    when no setting of the arm finished every seed, the rows with results compete (the table's notes say so).
+
     Example:
-        >>> choose([{"label": "a", "mean": 0.8}, {"label": "b", "mean": 0.9}, {"label": "c", "mean": None}])["label"]
+        >>> choose([{"label": "a", "mean": 0.8, "failed": []}, {"label": "b", "mean": 0.9, "failed": []},
+        ...         {"label": "c", "mean": 0.95, "failed": [1]}, {"label": "d", "mean": None, "failed": [0]}])["label"]
         'b'
     """
     ran = [r for r in rows if r["mean"] is not None]
-    if not ran:
+    complete = [r for r in ran if not r.get("failed")]
+    pool = complete or ran
+    if not pool:
         return None
-    return max(ran, key=lambda r: r["mean"] if greater else -r["mean"])
+    return max(pool, key=lambda r: r["mean"] if greater else -r["mean"])
 
 
 def t_quantile(p: float, df: int) -> float:
@@ -102,7 +114,8 @@ def t_quantile(p: float, df: int) -> float:
 
 def paired_interval(diffs: list[float], confidence: float = 0.95) -> dict:
     """Mean of paired differences with its two-sided Student-t confidence interval
-    (mean ± t_{(1+c)/2, n-1} · sd / √n); bounds are None with fewer than 2 pairs.
+    (mean ± t_{(1+c)/2, n-1} · sd / √n); bounds are None with fewer than 2 pairs, or when every difference is
+    the same (sd 0: no spread to build an interval from).
 
     Example:
         >>> ci = paired_interval([0.02, 0.01, 0.03, 0.02, 0.02])
@@ -114,8 +127,11 @@ def paired_interval(diffs: list[float], confidence: float = 0.95) -> dict:
     out["high"] = None
     if n >= 2:
         sd = statistics.stdev(diffs)
-        half = t_quantile((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
-        out.update(sd=sd, low=out["mean"] - half, high=out["mean"] + half)
+        out["sd"] = sd
+        # equal differences (a metric in steps of 1/N) give no spread: no interval rather than a zero-width one
+        if sd > 1e-12 * max(1.0, abs(out["mean"])):
+            half = t_quantile((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
+            out.update(low=out["mean"] - half, high=out["mean"] + half)
     return out
 
 
@@ -144,8 +160,11 @@ def verdict(
     best, other = (llrd, plain) if llrd_wins else (plain, llrd)
     mean_llrd = statistics.mean(test_llrd[s] for s in seeds) if seeds else math.nan
     mean_plain = statistics.mean(test_plain[s] for s in seeds) if seeds else math.nan
-    what = f"{int(confidence * 100)}% t-interval over {len(seeds)} paired seeds"
-    if ci["low"] is None:
+    what = f"{confidence * 100:g}% t-interval over {len(seeds)} paired seeds"
+    if ci["low"] is None and ci.get("sd") == 0:
+        interval, excludes = f"no interval ({what}: every paired difference is {ci['mean']:+.4f}, no spread)", False
+        conclusion = "no spread between seeds to judge from: not a conclusion; run more seeds or a larger test set"
+    elif ci["low"] is None:
         interval, excludes, conclusion = f"no interval ({what}: needs at least 2)", False, "too few seeds to tell"
     else:
         interval = f"{what} [{ci['low']:+.4f}, {ci['high']:+.4f}]"
@@ -170,6 +189,11 @@ def verdict(
         f"verdict: {head}; {compared}: test {metric} {mean_llrd:.4f} (LLRD) vs {mean_plain:.4f} (plain), "
         f"paired gain {gain}, {interval}: {conclusion}."
     )
+    if excludes and (ci["low"] > 0) != llrd_wins:  # validation chose one arm, test clearly favours the other
+        line += (
+            " Validation and test disagree: the arm chosen on validation is worse on test; check that the "
+            "validation split resembles the data you care about."
+        )
     return {
         "recommended": "llrd" if llrd_wins else "plain",
         "best": best["label"],
@@ -227,7 +251,13 @@ def _reach(row: dict) -> str:
 
 
 def markdown(
-    header: list[str], rows: list[dict], test_rows: list[dict], metric: str, target: float | None, footer: list[str]
+    header: list[str],
+    rows: list[dict],
+    test_rows: list[dict],
+    metric: str,
+    target: float | None,
+    footer: list[str],
+    greater: bool = True,
 ) -> str:
     """``table.md``: every setting on validation, the two chosen settings on test, then ``footer`` lines
     (notes and the verdict)."""
@@ -236,7 +266,7 @@ def markdown(
         f"**Validation** ({metric} at the last evaluation; selection uses only this table):",
         "",
         f"| arm | setting | seeds | val {metric} mean ± std | worst – best seed | steps to val {metric} "
-        f"{'≥' if greater_is_better(metric) else '≤'} {_fmt(target)} (median; seeds reaching) | time / trial |",
+        f"{'≥' if greater else '≤'} {_fmt(target)} (median; seeds reaching) | time / trial |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:

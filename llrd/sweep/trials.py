@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .grid import slug
+from .grid import is_plain, llrd_only_fields, slug
 
 logger = logging.getLogger("llrd.sweep")
 
@@ -46,7 +47,8 @@ class Trial:
 
 def trial_config(base: dict, trial: Trial, out_dir: Path, files: dict[str, dict]) -> dict:
     """The recipe config of one trial: the base config, the setting, the seed, the sweep's data files, no
-    checkpoints; the test file only in the test phase.
+    checkpoints; the test file only in the test phase. A plain-arm trial drops the config's LLRD settings
+    (``head_lr_scale``, ``reinit_top_blocks``, ...), so "plain" means Trainer's own fine-tuning.
 
     Example:
         >>> files = {s: {"path": f"/d/{s}.csv"} for s in ("train", "validation", "test")}
@@ -54,6 +56,8 @@ def trial_config(base: dict, trial: Trial, out_dir: Path, files: dict[str, dict]
         1
     """
     cfg = {k: v for k, v in base.items() if k not in _DROPPED}
+    if is_plain(trial.setting):  # plain fine-tuning: no LLRD setting of the config applies
+        cfg = {k: v for k, v in cfg.items() if k not in llrd_only_fields()}
     cfg.update(trial.setting)
     cfg.update(
         seed=trial.seed,
@@ -79,10 +83,32 @@ def command(script: str, config_path: Path, launcher: list[str] | None = None) -
     return [*(launcher or [sys.executable]), script, str(config_path)]
 
 
-def fingerprint(cfg: dict, script: str, launcher: list[str] | None, files: dict[str, dict]) -> dict:
-    """What must be equal for a finished trial to be reused: config, script, launcher, data contents."""
-    data = {split: info["sha"] for split, info in files.items()}
-    return json.loads(json.dumps({"config": cfg, "script": script, "launcher": launcher or [], "data": data}))
+def script_digest(script: str) -> str | None:
+    """Content hash of the trial script and, when it has one beside it, the ``common.py`` it imports (the
+    recipes do); None when the script is not a file here (a launcher may resolve it).
+
+    Example:
+        >>> len(script_digest("recipes/text_classification.py"))  # doctest: +SKIP
+        16
+    """
+    path = Path(script)
+    if not path.is_file():
+        return None
+    h = hashlib.sha256(path.read_bytes())
+    common = path.with_name("common.py")
+    if common.is_file() and common != path:
+        h.update(common.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(cfg: dict, script: str, launcher: list[str] | None, files: dict[str, dict], phase: str) -> dict:
+    """What must be equal for a finished trial to be reused: config, script (path and content), launcher and
+    the contents of the data splits this trial reads (a tuning trial never reads the test split, so a new
+    ``--test_size`` keeps the tuning trials)."""
+    used = ("train", "validation", "test") if phase == "test" else ("train", "validation")
+    data = {split: info["sha"] for split, info in files.items() if split in used}
+    fp = {"config": cfg, "script": script, "script_sha": script_digest(script), "launcher": launcher or []}
+    return json.loads(json.dumps({**fp, "data": data}))
 
 
 def _difference(old: dict, new: dict, where: str = "") -> str:
@@ -94,6 +120,16 @@ def _difference(old: dict, new: dict, where: str = "") -> str:
         elif a != b:
             return f"{where}{key}: {a!r} there, {b!r} now"
     return "no difference"
+
+
+def _comparable(old: dict, expected: dict, trial_dir: Path) -> dict:
+    """``old`` reduced to what ``expected`` checks: the data splits this trial reads; a record written before
+    llrd hashed the script's content (no ``script_sha``) is compared without it, with a warning."""
+    old = {**old, "data": {k: v for k, v in (old.get("data") or {}).items() if k in expected["data"]}}
+    if "script_sha" not in old:
+        logger.warning("%s: recorded before llrd hashed the script's content; reused without that check", trial_dir)
+        old["script_sha"] = expected["script_sha"]
+    return old
 
 
 def load_record(trial_dir: Path, expected: dict) -> dict | None:
@@ -110,11 +146,11 @@ def load_record(trial_dir: Path, expected: dict) -> dict | None:
         return None
     if record.get("status") != "ok":
         return None
-    if record.get("fingerprint") != expected:
+    old = _comparable(record.get("fingerprint") or {}, expected, trial_dir)
+    if old != expected:
         raise ValueError(
             f"{trial_dir} finished with other settings than this sweep gives it "
-            f"({_difference(record.get('fingerprint') or {}, expected)}); use another --output_dir, or delete "
-            "that folder to run it again"
+            f"({_difference(old, expected)}); use another --output_dir, or delete that folder to run it again"
         )
     return record
 
@@ -132,6 +168,31 @@ def failure_line(log: str, returncode: int) -> str:
     return f"exit code {returncode}: {last[:300]}"
 
 
+def metric_missing(error: str | None) -> bool:
+    """Whether a trial failed only because its script logs no such metric (then every trial would)."""
+    return bool(error) and error.startswith("ValueError: no eval_")
+
+
+def with_metric(record: dict, metric: str) -> dict:
+    """``record`` with ``curve`` and ``final`` taken from its recorded evaluations for ``metric``: a resumed
+    sweep may select on another ``--metric`` than the run that wrote the record.
+
+    Example:
+        >>> rec = {"status": "ok", "evals": [{"step": 10, "accuracy": 0.7, "loss": 0.6}]}
+        >>> with_metric(rec, "loss")["final"]
+        0.6
+    """
+    if record.get("status") != "ok":
+        return record
+    evals = [e for e in record.get("evals", []) if metric in e]
+    if not evals:
+        keys = sorted({k for e in record.get("evals", []) for k in e if k != "step"})
+        raise ValueError(f"trial {record.get('id')} has no eval_{metric} (its metrics: {keys}); set --metric to one")
+    if record.get("phase") == "test" and metric not in record.get("test", {}):
+        raise ValueError(f"trial {record.get('id')} has no test_{metric}; set --metric to one it logged")
+    return {**record, "curve": [[e["step"], e[metric]] for e in evals], "final": evals[-1][metric]}
+
+
 def read_outputs(trial_dir: Path, metric: str, phase: str) -> dict:
     """Per-eval metrics from ``trainer_state.json`` and, in the test phase, ``test_results.json``."""
     state_path = Path(trial_dir) / "trainer_state.json"
@@ -141,12 +202,12 @@ def read_outputs(trial_dir: Path, metric: str, phase: str) -> dict:
     evals = [
         {"step": h["step"], **{k[5:]: v for k, v in h.items() if k.startswith("eval_") and k[5:] not in _TIMING}}
         for h in history
-        if f"eval_{metric}" in h
+        if any(k.startswith("eval_") and k[5:] not in _TIMING for k in h)
     ]
-    if not evals:
+    if not any(metric in e for e in evals):
         keys = sorted({k for h in history for k in h if k.startswith("eval_")})
         raise ValueError(f"no eval_{metric} in {state_path} (eval keys: {keys}); set --metric to one of them")
-    out = {"evals": evals, "curve": [[e["step"], e[metric]] for e in evals], "final": evals[-1][metric]}
+    out: dict[str, Any] = {"evals": evals}
     if phase == "test":
         test_path = Path(trial_dir) / "test_results.json"
         test = json.loads(test_path.read_text()) if test_path.is_file() else {}
@@ -193,7 +254,7 @@ def run_trial(
     cwd: Path | None = None,
 ) -> dict:
     """Run one trial in its own process and return (and write) its record; a failure is recorded, not raised."""
-    from llrd.manifest import atomic_write_text
+    from llrd.files import atomic_write_text
 
     trial_dir = Path(cfg["output_dir"])
     if trial_dir.exists():  # an interrupted or failed attempt: never read its stale outputs
@@ -216,6 +277,8 @@ def run_trial(
     if error is None:
         try:
             record.update(read_outputs(trial_dir, metric, trial.phase))
+            record["curve"] = [[e["step"], e[metric]] for e in record["evals"] if metric in e]
+            record["final"] = record["curve"][-1][1]
         except (ValueError, KeyError, json.JSONDecodeError) as err:
             error = f"{type(err).__name__}: {err}"
     record["status"] = "failed" if error else "ok"
