@@ -21,6 +21,7 @@ from .grid import is_plain, llrd_only_fields, slug
 logger = logging.getLogger("llrd.sweep")
 
 RECORD = "trial.json"
+_UNHASHED: set[str] = set()  # reused records without a script hash (warned about once)
 # keys of an eval log entry that describe speed, not quality
 _TIMING = ("runtime", "samples_per_second", "steps_per_second")
 # config keys a trial never inherits: test data is for the test phase only, Hub data could bring its own test
@@ -127,7 +128,13 @@ def _comparable(old: dict, expected: dict, trial_dir: Path) -> dict:
     llrd hashed the script's content (no ``script_sha``) is compared without it, with a warning."""
     old = {**old, "data": {k: v for k, v in (old.get("data") or {}).items() if k in expected["data"]}}
     if "script_sha" not in old:
-        logger.warning("%s: recorded before llrd hashed the script's content; reused without that check", trial_dir)
+        if not _UNHASHED:
+            logger.warning(
+                "%s (and maybe others): recorded before llrd hashed the script's content; reused without that "
+                "check",
+                trial_dir,
+            )
+        _UNHASHED.add(str(trial_dir))
         old["script_sha"] = expected["script_sha"]
     return old
 
