@@ -61,7 +61,20 @@ def resolve_checkpoint(name: str) -> str:
     except (OSError, UnicodeDecodeError):
         return name
     if not declares_checkpoint(source):
+        logger.info(
+            "%s: an installed package %s exists but its __init__.py defines no %s() at top level, so it is not "
+            "read as a bundled checkpoint; treating %r as a Hub id or path",
+            name,
+            module_name,
+            ENTRY_POINT,
+            name,
+        )
         return name
     path = str(importlib.import_module(module_name).get_model_path())
+    if not os.path.isdir(path):
+        raise ValueError(
+            f"model {name!r}: the installed package {module_name} says its checkpoint is at {path!r}, which is not "
+            "a folder; reinstall the package or pass the checkpoint's folder"
+        )
     logger.info("%s: the checkpoint bundled by the installed package %s, at %s", name, module_name, path)
     return path

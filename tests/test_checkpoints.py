@@ -54,9 +54,23 @@ def test_only_a_top_level_def_counts_as_declaring_a_checkpoint(packages, body):
 
 
 def test_a_declaring_package_is_imported_and_gives_its_folder(packages, tmp_path):
+    (tmp_path / "weights").mkdir()
     trace = packages("my_ckpt", f"def get_model_path():\n    return {str(tmp_path / 'weights')!r}\n")
     assert resolve_checkpoint("my-ckpt") == str(tmp_path / "weights")
     assert trace.exists()
+
+
+def test_a_declared_folder_that_is_missing_is_an_error(packages, tmp_path):
+    packages("gone_ckpt", f"def get_model_path():\n    return {str(tmp_path / 'nowhere')!r}\n")
+    with pytest.raises(ValueError, match="the installed package gone_ckpt says its checkpoint is at .*not a folder"):
+        resolve_checkpoint("gone_ckpt")
+
+
+def test_a_near_miss_says_why_the_package_was_not_used(packages, caplog):
+    packages("reexport_ckpt", "from os.path import dirname as get_model_path\n")
+    with caplog.at_level("INFO", logger="llrd.checkpoints"):
+        assert resolve_checkpoint("reexport_ckpt") == "reexport_ckpt"
+    assert "defines no get_model_path() at top level" in caplog.text
 
 
 def test_dotted_names_paths_and_hub_ids_are_returned_as_given(packages, tmp_path):
