@@ -47,6 +47,9 @@ def pytest_collection_modifyitems(config, items):
 def pytest_runtest_logreport(report):
     kind = "slow" if report.nodeid in _SLOW_IDS else "fast"
     _SUITE[kind]["seconds"] += report.duration
+    files = _SUITE.setdefault("files", {})
+    name = report.nodeid.split("::")[0]
+    files[name] = files.get(name, 0.0) + report.duration
     if report.when == "call" or (report.when == "setup" and report.skipped):
         _SUITE[kind]["tests"] += 1
 
@@ -71,9 +74,12 @@ def pytest_sessionfinish(session, exitstatus):
         "wall_seconds": round(time.time() - _SUITE["start"], 1),
         "fast": {"tests": _SUITE["fast"]["tests"], "seconds": round(_SUITE["fast"]["seconds"], 1)},
         "slow": {"tests": _SUITE["slow"]["tests"], "seconds": round(_SUITE["slow"]["seconds"], 1)},
+        "seconds_per_file": {k: round(v, 1) for k, v in sorted(_SUITE.get("files", {}).items(), key=lambda kv: -kv[1])},
         "cpus": os.cpu_count(),
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-    Path(path).write_text(json.dumps(record, indent=1) + "\n")
+    from llrd.files import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(record, indent=1) + "\n")
