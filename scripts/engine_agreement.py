@@ -250,12 +250,10 @@ def main() -> None:
 
     from llrd.files import atomic_write_text
 
-    out = Path(ns.out)
-    if ns.table:
-        report = json.loads((out / "engine_agreement.json").read_text())
-        atomic_write_text(out / "engine_agreement.md", markdown(report))
-    if ns.update_readme:
-        update_readme(markdown(report))
+    out_dir = Path(ns.out)
+    if ns.table:  # rewrite the table (and the README's copy) from the recorded runs, running nothing
+        report = json.loads((out_dir / "engine_agreement.json").read_text())
+        atomic_write_text(out_dir / "engine_agreement.md", markdown(report))
         if ns.update_readme:
             update_readme(markdown(report))
         return
@@ -267,13 +265,15 @@ def main() -> None:
             ddp, seconds = launch(workdir, "ddp", setting)
             report["runs"][f"{setting}/ddp"] = {"wall_s": round(seconds, 1)}
             for engine in engines:
-                out, seconds = launch(workdir, engine, setting)
-                row = {"wall_s": round(seconds, 1), **compare(ddp, out)}
+                run, seconds = launch(workdir, engine, setting)
+                row = {"wall_s": round(seconds, 1), **compare(ddp, run)}
                 report["runs"][f"{setting}/{engine}"] = row
                 logger.info("%s/%s: %s", setting, engine, row)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "engine_agreement.json", json.dumps(report, indent=1))
-    atomic_write_text(out / "engine_agreement.md", markdown(report))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "engine_agreement.json", json.dumps(report, indent=1))
+    atomic_write_text(out_dir / "engine_agreement.md", markdown(report))
+    if ns.update_readme:
+        update_readme(markdown(report))
 
 
 if __name__ == "__main__":
