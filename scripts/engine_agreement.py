@@ -182,15 +182,15 @@ def compare(reference: Path, other: Path) -> dict:
     key = [(g["group_name"], g["lr"], g["param_names"]) for g in groups]
     logs_ref, logs = train_logs(reference), train_logs(other)
     stat_keys = [sorted(k for k in h if "/" in k) for h in logs]
-    worst_stat, worst_lr = 0.0, 0.0
+    worst_stat, worst_lr, worst_key = 0.0, 0.0, None
     for ref, got in zip(logs_ref, logs, strict=True):
         for k in ref:
             if "/" in k and k in got:
                 rel = abs(got[k] - ref[k]) / max(abs(ref[k]), 1e-12)
                 if k.startswith("lr/"):
                     worst_lr = max(worst_lr, rel)
-                else:
-                    worst_stat = max(worst_stat, rel)
+                elif rel >= worst_stat:
+                    worst_stat, worst_key = rel, k
     w_ref, w = weights(reference), weights(other)
     return {
         "same_groups": key == [(g["group_name"], g["lr"], g["param_names"]) for g in groups_ref],
@@ -198,6 +198,7 @@ def compare(reference: Path, other: Path) -> dict:
         "same_steps": [h["step"] for h in logs] == [h["step"] for h in logs_ref],
         "max_lr_rel_diff": worst_lr,
         "max_stat_rel_diff": worst_stat,
+        "max_stat_key": worst_key,
         "max_loss_rel_diff": max(
             abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(logs_ref, logs, strict=True)
         ),
