@@ -117,6 +117,14 @@ def test_failed_seeds_are_counted_and_an_arm_without_results_is_not_chosen():
     assert report.choose(rows[:1])["setting"] == LLRD_A  # no complete setting: the partial one still competes
 
 
+def test_a_diverged_trial_counts_as_failed():
+    rec = {"id": "tune/x", "phase": "tune", "status": "ok", "evals": [{"step": 10, "loss": float("nan")}]}
+    out = trials.with_metric(rec, "loss")
+    assert out["status"] == "failed" and out["error"] == "eval_loss is nan (diverged)"
+    rec = {**rec, "phase": "test", "evals": [{"step": 10, "loss": 0.5}], "test": {"loss": float("inf")}}
+    assert trials.with_metric(rec, "loss")["error"] == "test_loss is inf (diverged)"
+
+
 def test_metric_direction():
     assert report.greater_is_better("accuracy") and report.greater_is_better("pearson")
     assert not report.greater_is_better("loss") and not report.greater_is_better("mse")
@@ -356,12 +364,19 @@ def test_the_plain_arm_drops_llrd_settings_and_llrd_only_axes_vary_the_llrd_arm(
 
 
 def test_bad_numbers_scripts_and_files_are_refused_before_anything_runs(tmp_path, capsys):
+    (tmp_path / "empty.csv").write_text("text,label\n")
+    (tmp_path / "ragged.csv").write_text("text,label\na,0\nb,1,extra\n")
     for extra, message in (
         (["--validation_size", "0"], "--validation_size 0: must be at least 1 row"),
         (["--train_size", "-5"], "--train_size -5: must be at least 1 row"),
         (["--confidence", "95"], "--confidence 95: must lie strictly between 0 and 1"),
         (["--script", "no/such.py"], "--script no/such.py: no such file"),
         (["--test_file", "~/no-such-file.csv"], "no-such-file.csv: file not found"),
+        (["--learning_rate", "0"], "--learning_rate 0.0: a learning rate must be a positive number"),
+        (["--plain_learning_rate", "nan"], "--plain_learning_rate nan: a learning rate must be a positive number"),
+        (["--test_file", str(tmp_path / "train.csv")], "test_file and train_file are the same file"),
+        (["--test_file", str(tmp_path / "empty.csv")], "empty.csv: no data rows"),
+        (["--test_file", str(tmp_path / "ragged.csv")], "ragged.csv: row 3 has more fields than the header"),
     ):
         assert sweep_main(sweep_args(tmp_path, "--layer_decay", "0.8", *extra)) == 2, extra
         assert message in capsys.readouterr().err, extra

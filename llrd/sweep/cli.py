@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import shlex
 import sys
@@ -131,7 +132,10 @@ def load_config(path: str) -> dict:
     if not file.is_file():
         raise ValueError(f"config {path!r} not found")
     text = file.read_text()
-    cfg = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    try:
+        cfg = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"config {path!r} does not parse: {' '.join(str(err).split())}") from err
     if not isinstance(cfg, dict):
         raise ValueError(f"config {path!r} is not a mapping of recipe settings")
     for key in DATA_KEYS:
@@ -158,17 +162,26 @@ def build_spec(argv: list[str]):
         )
     config.update(given)
     grid = parse_grid(rest, config)
+    if "layer_decay" not in grid and config.get("layer_decay") is not None:  # the config's decay is the LLRD arm
+        grid["layer_decay"] = [float(config["layer_decay"])]
+    rates = [("--learning_rate", v) for v in grid.get("learning_rate", [])]
+    for flag, value in rates + [("--plain_learning_rate", v) for v in ns.plain_learning_rate or []]:
+        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} {value}: a learning rate must be a positive number, e.g. 1e-4")
+    if ns.metric.startswith("eval_"):
+        ns.metric = ns.metric.removeprefix("eval_")  # the name Trainer logs without its prefix
     # one-valued axes are plain overrides: fold them into the config so the settings' names stay short
     fixed = {k: v[0] for k, v in grid.items() if len(v) == 1 and k not in ("layer_decay", "learning_rate")}
     grid = {k: v for k, v in grid.items() if k not in fixed}
     if "learning_rate" in grid and len(grid["learning_rate"]) == 1:
         config = {**config, "learning_rate": grid["learning_rate"][0]}
+    ns.script = os.path.expanduser(ns.script)
     special = {"config", "grid", "output_dir", "launcher", "command", "title", "greater_is_better"}
     same_name = {f.name: getattr(ns, f.name) for f in dataclasses.fields(SweepSpec) if f.name not in special}
     return SweepSpec(
         config={**config, **fixed},
         grid=grid,
-        output_dir=Path(ns.output_dir),
+        output_dir=Path(ns.output_dir).expanduser(),
         launcher=shlex.split(ns.launcher) if ns.launcher else None,
         command="llrd sweep " + shlex.join(argv),
         greater_is_better=None if ns.greater_is_better is None else ns.greater_is_better == "true",
@@ -214,7 +227,8 @@ def main(argv: list[str]) -> int:
     import threading
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+        for sig in (signal.SIGTERM, signal.SIGHUP):  # like Ctrl-C: the running trial's process group is killed
+            signal.signal(sig, _terminate)
     try:
         spec = build_spec(argv)
         result = run_sweep(spec)

@@ -133,7 +133,8 @@ class _Runner:
             rec = trials.with_metric(rec, spec.metric)  # a reused record may have been run with another --metric
             self.record["trials"].append(rec)
             self.progress.step(rec, reused=done is not None)
-            _write_json(self.out / "results.json", self.record)  # partial results survive a crash
+            if done is None:  # partial results survive a crash; a resume that only reuses keeps the old file
+                _write_json(self.out / "results.json", self.record)
 
 
 def run_sweep(spec: SweepSpec) -> dict:
@@ -214,7 +215,10 @@ def _lock(out: Path):
 
 def _check_data_settings(config: dict) -> None:
     if not config.get("test_file"):
-        raise ValueError("the config has no test_file: llrd sweep reports the chosen settings on a test split")
+        raise ValueError(
+            "the config has no test_file: llrd sweep reports the chosen settings on a test split; add test_file "
+            "to the config or pass --test_file"
+        )
     if config.get("max_eval_samples"):
         logger.warning(
             "max_eval_samples=%s in the config also truncates the test split; --validation_size/--test_size "

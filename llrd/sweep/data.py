@@ -17,18 +17,32 @@ SPLITS = ("train", "validation", "test")
 
 
 def read_rows(path: Path) -> tuple[list[str], list[dict]]:
-    """Header and rows of a CSV file; a loud error for anything else."""
-    if path.suffix != ".csv":
+    """Header and rows of a CSV file (UTF-8); a loud error naming the file for anything else.
+
+    Example:
+        >>> read_rows(Path("data.txt"))  # doctest: +SKIP
+        ValueError: data.txt: llrd sweep samples and splits CSV files only (text,label columns)
+    """
+    if path.suffix.lower() != ".csv":
         raise ValueError(f"{path}: llrd sweep samples and splits CSV files only (text,label columns)")
     if not path.is_file():
         raise ValueError(
             f"{path}: file not found (paths in the config are relative to the config file's folder, paths given "
             "as --train_file/--validation_file/--test_file to the working directory)"
         )
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-        return list(reader.fieldnames or []), rows
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = list(reader.fieldnames or [])
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{path}: not a readable UTF-8 CSV file ({err})") from err
+    bad = next((i for i, row in enumerate(rows) if None in row), None)
+    if bad is not None:
+        raise ValueError(f"{path}: row {bad + 2} has more fields than the header {header}")
+    if not rows:
+        raise ValueError(f"{path}: no data rows (header {header or 'missing'})")
+    return header, rows
 
 
 def write_rows(path: Path, header: list[str], rows: list[dict]) -> None:
@@ -57,10 +71,8 @@ def split_rows(
     cut = validation_size if validation_size is not None else 0
     need = cut + (train_size or 1)
     if need > len(shuffled):
-        raise ValueError(
-            f"--validation_size {cut} + --train_size {train_size} need {need} rows; the training file has "
-            f"{len(shuffled)}"
-        )
+        wanted = f"--validation_size {cut}" + (f" + --train_size {train_size}" if train_size else " + 1 training row")
+        raise ValueError(f"{wanted} need {need} rows; the training file has {len(shuffled)}")
     validation = shuffled[:cut] if validation_size is not None else None
     train = shuffled[cut:]
     return (train[:train_size] if train_size else train), validation
@@ -102,9 +114,16 @@ def prepare(
     data_dir = Path(out_dir) / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     sources = {s: Path(config[f"{s}_file"]).expanduser() for s in SPLITS if config.get(f"{s}_file")}
-    for path in sources.values():  # every file checked before any is read or written
-        if path.suffix != ".csv" or not path.is_file():
-            read_rows(path)
+    for path in sources.values():  # every file checked before any is written
+        read_rows(path)
+    same = {s: p.resolve() for s, p in sources.items()}
+    for held_out in ("validation", "test"):
+        for other in ("train", "validation"):
+            if held_out != other and held_out in same and other in same and same[held_out] == same[other]:
+                raise ValueError(
+                    f"{held_out}_file and {other}_file are the same file ({sources[held_out]}): the {held_out} "
+                    f"split must be held out; leave validation_file out to split one off the training file"
+                )
     out: dict[str, dict] = {}
 
     def keep(split: str, rows: list[dict] | None, header: list[str], how: str) -> None:

@@ -160,7 +160,7 @@ def verdict(
     best, other = (llrd, plain) if llrd_wins else (plain, llrd)
     mean_llrd = statistics.mean(test_llrd[s] for s in seeds) if seeds else math.nan
     mean_plain = statistics.mean(test_plain[s] for s in seeds) if seeds else math.nan
-    what = f"{confidence * 100:g}% t-interval over {len(seeds)} paired seeds"
+    what = f"{confidence * 100:g}% t-interval over {len(seeds)} paired seed{'s' if len(seeds) != 1 else ''}"
     if ci["low"] is None and ci.get("sd") == 0:
         interval, excludes = f"no interval ({what}: every paired difference is {ci['mean']:+.4f}, no spread)", False
         conclusion = "no spread between seeds to judge from: not a conclusion; run more seeds or a larger test set"
@@ -177,10 +177,13 @@ def verdict(
             else "includes 0: no difference detected"
         )
     gain = f"{ci['mean']:+.4f}" if ci["mean"] is not None else "n/a"
+    tie = llrd["mean"] == plain["mean"]
     head = (
         f"use {best['label']} (best on validation)"
         if llrd_wins
         else f"use plain fine-tuning, {best['label']} (best on validation)"
+        if not tie
+        else f"use plain fine-tuning, {best['label']} (validation tie: the simpler arm)"
     )
     compared = (
         f"vs the best plain setting ({other['label']})" if llrd_wins else f"the best LLRD setting ({other['label']})"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -130,8 +131,7 @@ def _comparable(old: dict, expected: dict, trial_dir: Path) -> dict:
     if "script_sha" not in old:
         if not _UNHASHED:
             logger.warning(
-                "%s (and maybe others): recorded before llrd hashed the script's content; reused without that "
-                "check",
+                "%s (and maybe others): recorded before llrd hashed the script's content; reused without that check",
                 trial_dir,
             )
         _UNHASHED.add(str(trial_dir))
@@ -157,7 +157,8 @@ def load_record(trial_dir: Path, expected: dict) -> dict | None:
     if old != expected:
         raise ValueError(
             f"{trial_dir} finished with other settings than this sweep gives it "
-            f"({_difference(old, expected)}); use another --output_dir, or delete that folder to run it again"
+            f"({_difference(old, expected)}); use another --output_dir, or delete that folder to run it again "
+            "(for a changed test split or script: every folder under trials/test/, or trials/ entirely)"
         )
     return record
 
@@ -197,7 +198,12 @@ def with_metric(record: dict, metric: str) -> dict:
         raise ValueError(f"trial {record.get('id')} has no eval_{metric} (its metrics: {keys}); set --metric to one")
     if record.get("phase") == "test" and metric not in record.get("test", {}):
         raise ValueError(f"trial {record.get('id')} has no test_{metric}; set --metric to one it logged")
-    return {**record, "curve": [[e["step"], e[metric]] for e in evals], "final": evals[-1][metric]}
+    out = {**record, "curve": [[e["step"], e[metric]] for e in evals], "final": evals[-1][metric]}
+    pairs = (("eval", out["final"]), ("test", (record.get("test") or {}).get(metric)))
+    bad = [(name, v) for name, v in pairs if v is not None and not (isinstance(v, int | float) and math.isfinite(v))]
+    if bad:  # a diverged trial: counted as failed, never averaged
+        out.update(status="failed", error=f"{bad[0][0]}_{metric} is {bad[0][1]} (diverged)")
+    return out
 
 
 def read_outputs(trial_dir: Path, metric: str, phase: str) -> dict:
@@ -242,12 +248,18 @@ def _run_process(cmd: list[str], log_path: Path, cwd: Path, timeout: float | Non
         try:
             return proc.wait(timeout=timeout)
         except BaseException:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill_group(proc.pid)
             proc.wait()
             raise
+        finally:  # whatever the trial left running in its group (a launcher's stray workers) ends with it
+            _kill_group(proc.pid)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def run_trial(
