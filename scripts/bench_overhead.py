@@ -258,8 +258,8 @@ def peak_memory(repeats: int, scratch: str, allocators: dict) -> dict:
 def markdown(res: dict, cmd: str) -> str:
     lines = [
         f"Command: `{cmd}` ({os.cpu_count()} CPU cores, fp32). Load average (1, 5, 15 min) before "
-        f"{res['load_average_1_5_15_before']}, after {res['load_average_1_5_15_after']}: above 0 means other jobs "
-        "shared the CPUs.",
+        f"{res['load_average_1_5_15_before']}, after {res['load_average_1_5_15_after']}: the benchmark itself adds "
+        f"up to {os.cpu_count()}; a load before it started, or above the CPU count, means other jobs shared the CPUs.",
         "",
         "| optimizer | variant | step time (median of round means) | ratio vs Trainer (median, range over rounds) |",
         "|---|---|---|---|",
