@@ -117,6 +117,19 @@ def test_failed_seeds_are_counted_and_an_arm_without_results_is_not_chosen():
     assert report.choose(rows[:1])["setting"] == LLRD_A  # no complete setting: the partial one still competes
 
 
+def test_equal_differences_with_float_noise_still_read_as_no_spread_and_ties_are_ties():
+    plain = {0: 0.767, 1: 0.768, 2: 0.750}
+    llrd = {s: v + 0.012 for s, v in plain.items()}  # 0.779 - 0.767 etc.: equal up to float noise
+    v = report.verdict({"label": "p", "mean": 0.8}, {"label": "l", "mean": 0.81}, plain, llrd, "accuracy")
+    assert "no spread" in v["line"] and not v["excludes_zero"]
+    # two settings whose k/300 values sum the same, summed in another order: a tie, decided by grid order
+    a, b = [259 / 300, 262 / 300, 263 / 300], [263 / 300, 259 / 300, 262 / 300]
+    rows = [{"label": "a", "mean": sum(a) / 3, "failed": []}, {"label": "b", "mean": sum(b) / 3, "failed": []}]
+    assert report.choose(rows)["label"] == "a"
+    v = report.verdict(rows[0], rows[1], {0: 0.8, 1: 0.9}, {0: 0.7, 1: 0.75}, "accuracy")
+    assert v["recommended"] == "plain" and "validation tie" in v["line"] and "disagree" not in v["line"]
+
+
 def test_a_diverged_trial_counts_as_failed():
     rec = {"id": "tune/x", "phase": "tune", "status": "ok", "evals": [{"step": 10, "loss": float("nan")}]}
     out = trials.with_metric(rec, "loss")
@@ -376,7 +389,7 @@ def test_bad_numbers_scripts_and_files_are_refused_before_anything_runs(tmp_path
         (["--plain_learning_rate", "nan"], "--plain_learning_rate nan: a learning rate must be a positive number"),
         (["--test_file", str(tmp_path / "train.csv")], "test_file and train_file are the same file"),
         (["--test_file", str(tmp_path / "empty.csv")], "empty.csv: no data rows"),
-        (["--test_file", str(tmp_path / "ragged.csv")], "ragged.csv: row 3 has more fields than the header"),
+        (["--test_file", str(tmp_path / "ragged.csv")], "ragged.csv: row 3 does not have the header's 2 fields"),
     ):
         assert sweep_main(sweep_args(tmp_path, "--layer_decay", "0.8", *extra)) == 2, extra
         assert message in capsys.readouterr().err, extra

@@ -208,10 +208,22 @@ def _terminate(signum, frame) -> None:  # noqa: ARG001 - signal handler signatur
     raise KeyboardInterrupt
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (not the stream at setup), so a replaced stderr still works."""
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging() -> None:
     if logger.handlers:  # main() called again in one process
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
@@ -220,15 +232,26 @@ def setup_logging() -> None:
 
 def main(argv: list[str]) -> int:
     """Run the sweep; exit code 0 with a verdict, 1 when no verdict was possible, 2 for bad input."""
-    from .core import run_sweep
 
     setup_logging()
     import signal
     import threading
 
+    previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGHUP):  # like Ctrl-C: the running trial's process group is killed
-            signal.signal(sig, _terminate)
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's ignored SIGHUP stays ignored
+                previous[sig] = signal.signal(sig, _terminate)
+    try:
+        return _run(argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(argv: list[str]) -> int:
+    from .core import run_sweep
+
     try:
         spec = build_spec(argv)
         result = run_sweep(spec)

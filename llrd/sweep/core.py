@@ -121,7 +121,10 @@ class _Runner:
         for trial in batch:
             cfg = self.config(trial)
             expected = trials.fingerprint(cfg, spec.script, spec.launcher, self.files, trial.phase)
-            plan.append((trial, cfg, expected, trials.load_record(Path(cfg["output_dir"]), expected)))
+            done = trials.load_record(Path(cfg["output_dir"]), expected)
+            if done is not None:  # a reused record lacking --metric stops the sweep now, before anything runs
+                trials.with_metric(done, spec.metric)
+            plan.append((trial, cfg, expected, done))
         self.progress.pending = sum(done is None for *_, done in plan) + later
         for trial, cfg, expected, done in plan:
             rec = done or trials.run_trial(
@@ -146,6 +149,7 @@ def run_sweep(spec: SweepSpec) -> dict:
         verdict: use layer_decay=0.8, learning_rate=0.0004 (best on validation); ...
     """
     began = time.perf_counter()
+    trials.reset_warnings()
     _check_dependencies()
     _check_script(spec)
     out = Path(spec.output_dir).resolve()
@@ -202,14 +206,20 @@ def _lock(out: Path):
     """An exclusive lock on ``out/.lock`` for this process; ValueError when another sweep holds it."""
     import fcntl
 
-    handle = open(out / ".lock", "w")  # noqa: SIM115 - held for the sweep's lifetime
+    try:
+        handle = open(out / ".lock", "w")  # noqa: SIM115 - held for the sweep's lifetime
+    except OSError as err:
+        raise ValueError(f"--output_dir {out}: cannot write there ({err.strerror})") from err
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
+    except BlockingIOError as err:
         handle.close()
         raise ValueError(
             f"--output_dir {out}: another llrd sweep is running there; wait for it or use another folder"
         ) from err
+    except OSError as err:
+        handle.close()
+        raise ValueError(f"--output_dir {out}: cannot lock {out / '.lock'} ({err.strerror})") from err
     return handle
 
 
@@ -250,7 +260,7 @@ def _conclude(spec: SweepSpec, record: dict, plain: list, llrd: list, chosen: li
         for row in chosen
         if row["failed"]
     ]
-    dropped = sorted(k for k in spec.config if k in grid_llrd_only())
+    dropped = sorted(k for k in spec.config if k in grid_llrd_only() and spec.config[k] != _llrd_default(k))
     if dropped:
         notes.append(f"LLRD settings of the config applied to the LLRD arm only: {', '.join(dropped)}")
     record.update(
@@ -262,6 +272,13 @@ def _conclude(spec: SweepSpec, record: dict, plain: list, llrd: list, chosen: li
         notes=notes + _reproduction_notes(record["trials"]) + _failure_notes(record["trials"]),
         trial_seconds_total=round(sum(r["seconds"] for r in record["trials"]), 1),
     )
+
+
+def _llrd_default(name: str) -> Any:
+    from llrd.args import LLRDArguments
+
+    field = LLRDArguments.__dataclass_fields__[name]
+    return field.default if field.default is not dataclasses.MISSING else None
 
 
 def _write_outputs(spec: SweepSpec, out: Path, files: dict, record: dict, greater: bool = True) -> None:

@@ -37,9 +37,9 @@ def read_rows(path: Path) -> tuple[list[str], list[dict]]:
             header = list(reader.fieldnames or [])
     except (UnicodeDecodeError, csv.Error) as err:
         raise ValueError(f"{path}: not a readable UTF-8 CSV file ({err})") from err
-    bad = next((i for i, row in enumerate(rows) if None in row), None)
+    bad = next((i for i, row in enumerate(rows) if None in row or None in row.values()), None)
     if bad is not None:
-        raise ValueError(f"{path}: row {bad + 2} has more fields than the header {header}")
+        raise ValueError(f"{path}: row {bad + 2} does not have the header's {len(header)} fields {header}")
     if not rows:
         raise ValueError(f"{path}: no data rows (header {header or 'missing'})")
     return header, rows

@@ -97,7 +97,12 @@ def choose(rows: list[dict], greater: bool = True) -> dict | None:
     pool = complete or ran
     if not pool:
         return None
-    return max(pool, key=lambda r: r["mean"] if greater else -r["mean"])
+    return max(pool, key=lambda r: _key(r["mean"]) if greater else -_key(r["mean"]))
+
+
+def _key(mean: float) -> float:
+    """A mean rounded to 10 significant digits: two settings whose k/N values sum the same tie exactly."""
+    return float(f"{mean:.10g}")
 
 
 def t_quantile(p: float, df: int) -> float:
@@ -129,7 +134,8 @@ def paired_interval(diffs: list[float], confidence: float = 0.95) -> dict:
         sd = statistics.stdev(diffs)
         out["sd"] = sd
         # equal differences (a metric in steps of 1/N) give no spread: no interval rather than a zero-width one
-        if sd > 1e-12 * max(1.0, abs(out["mean"])):
+        out["no_spread"] = sd <= 1e-12 * max(1.0, abs(out["mean"]))
+        if not out["no_spread"]:
             half = t_quantile((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
             out.update(low=out["mean"] - half, high=out["mean"] + half)
     return out
@@ -156,12 +162,13 @@ def verdict(
     seeds = sorted(set(test_plain) & set(test_llrd))
     sign = 1 if greater else -1
     ci = paired_interval([sign * (test_llrd[s] - test_plain[s]) for s in seeds], confidence)
-    llrd_wins = (llrd["mean"] > plain["mean"]) if greater else (llrd["mean"] < plain["mean"])
+    m_llrd, m_plain = _key(llrd["mean"]), _key(plain["mean"])  # means of k/N values: compare at 10 digits
+    llrd_wins = (m_llrd > m_plain) if greater else (m_llrd < m_plain)
     best, other = (llrd, plain) if llrd_wins else (plain, llrd)
     mean_llrd = statistics.mean(test_llrd[s] for s in seeds) if seeds else math.nan
     mean_plain = statistics.mean(test_plain[s] for s in seeds) if seeds else math.nan
     what = f"{confidence * 100:g}% t-interval over {len(seeds)} paired seed{'s' if len(seeds) != 1 else ''}"
-    if ci["low"] is None and ci.get("sd") == 0:
+    if ci.get("no_spread"):
         interval, excludes = f"no interval ({what}: every paired difference is {ci['mean']:+.4f}, no spread)", False
         conclusion = "no spread between seeds to judge from: not a conclusion; run more seeds or a larger test set"
     elif ci["low"] is None:
@@ -177,7 +184,7 @@ def verdict(
             else "includes 0: no difference detected"
         )
     gain = f"{ci['mean']:+.4f}" if ci["mean"] is not None else "n/a"
-    tie = llrd["mean"] == plain["mean"]
+    tie = m_llrd == m_plain
     head = (
         f"use {best['label']} (best on validation)"
         if llrd_wins
@@ -192,7 +199,9 @@ def verdict(
         f"verdict: {head}; {compared}: test {metric} {mean_llrd:.4f} (LLRD) vs {mean_plain:.4f} (plain), "
         f"paired gain {gain}, {interval}: {conclusion}."
     )
-    if excludes and (ci["low"] > 0) != llrd_wins:  # validation chose one arm, test clearly favours the other
+    if (
+        excludes and not tie and (ci["low"] > 0) != llrd_wins
+    ):  # validation chose one arm, test clearly favours the other
         line += (
             " Validation and test disagree: the arm chosen on validation is worse on test; check that the "
             "validation split resembles the data you care about."

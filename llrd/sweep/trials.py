@@ -124,10 +124,18 @@ def _difference(old: dict, new: dict, where: str = "") -> str:
     return "no difference"
 
 
+def reset_warnings() -> None:
+    """Forget which records were warned about (once per sweep)."""
+    _UNHASHED.clear()
+
+
 def _comparable(old: dict, expected: dict, trial_dir: Path) -> dict:
     """``old`` reduced to what ``expected`` checks: the data splits this trial reads; a record written before
     llrd hashed the script's content (no ``script_sha``) is compared without it, with a warning."""
     old = {**old, "data": {k: v for k, v in (old.get("data") or {}).items() if k in expected["data"]}}
+    if old.get("script_sha") is None or expected.get("script_sha") is None:  # unknown on one side: not compared
+        if "script_sha" in old:
+            old["script_sha"] = expected["script_sha"]
     if "script_sha" not in old:
         if not _UNHASHED:
             logger.warning(
@@ -298,6 +306,7 @@ def run_trial(
             record.update(read_outputs(trial_dir, metric, trial.phase))
             record["curve"] = [[e["step"], e[metric]] for e in record["evals"] if metric in e]
             record["final"] = record["curve"][-1][1]
+            error = with_metric({**record, "status": "ok"}, metric).get("error")  # diverged: failed on disk too
         except (ValueError, KeyError, json.JSONDecodeError) as err:
             error = f"{type(err).__name__}: {err}"
     record["status"] = "failed" if error else "ok"
