@@ -72,6 +72,9 @@ def pytest_sessionfinish(session, exitstatus):
         "command": "python -m pytest -q -ra (from .ci/run)",
         "exit_status": int(exitstatus),
         "wall_seconds": round(time.time() - _SUITE["start"], 1),
+        "ci_install_seconds": int(os.environ["LLRD_CI_INSTALL_SECONDS"])
+        if "LLRD_CI_INSTALL_SECONDS" in os.environ
+        else None,
         "fast": {"tests": _SUITE["fast"]["tests"], "seconds": round(_SUITE["fast"]["seconds"], 1)},
         "slow": {"tests": _SUITE["slow"]["tests"], "seconds": round(_SUITE["slow"]["seconds"], 1)},
         "seconds_per_file": {k: round(v, 1) for k, v in sorted(_SUITE.get("files", {}).items(), key=lambda kv: -kv[1])},
