@@ -137,6 +137,14 @@ def prepare(
             out[split]["rows"] = sum(1 for _ in csv.DictReader(f))
         out[split]["sha"] = digest(Path(out[split]["path"]))
 
+    def keep_sampled(split: str, size: int | None) -> None:
+        """The split's file as given, or ``size`` of its rows sampled with ``seed``."""
+        if size is None:
+            keep(split, None, [], f"{sources[split]}, as given")
+            return
+        header, rows = read_rows(sources[split])
+        keep(split, sample_rows(rows, size, seed, split), header, f"{size} rows of {sources[split]}, seed {seed}")
+
     if "validation" not in sources:
         header, rows = read_rows(sources["train"])
         size = validation_size if validation_size is not None else max(1, len(rows) // 10)
@@ -148,37 +156,10 @@ def prepare(
             "train", train, header, f"the rest of {sources['train']}" + (f", first {train_size}" if train_size else "")
         )
     else:
-        if train_size is None:
-            keep("train", None, [], f"{sources['train']}, as given")
-        else:
-            header, rows = read_rows(sources["train"])
-            keep(
-                "train",
-                sample_rows(rows, train_size, seed, "train"),
-                header,
-                f"{train_size} rows of {sources['train']}, seed {seed}",
-            )
-        if validation_size is None:
-            keep("validation", None, [], f"{sources['validation']}, as given")
-        else:
-            header, rows = read_rows(sources["validation"])
-            keep(
-                "validation",
-                sample_rows(rows, validation_size, seed, "validation"),
-                header,
-                f"{validation_size} rows of {sources['validation']}, seed {seed}",
-            )
+        keep_sampled("train", train_size)
+        keep_sampled("validation", validation_size)
     if "test" in sources:
-        if test_size is None:
-            keep("test", None, [], f"{sources['test']}, as given")
-        else:
-            header, rows = read_rows(sources["test"])
-            keep(
-                "test",
-                sample_rows(rows, test_size, seed, "test"),
-                header,
-                f"{test_size} rows of {sources['test']}, seed {seed}",
-            )
+        keep_sampled("test", test_size)
     for split, info in out.items():
         logger.info("data: %s = %d rows (%s)", split, info["rows"], info["how"])
     return out
