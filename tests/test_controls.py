@@ -212,7 +212,8 @@ class GradTap(TrainerCallback):
         self.lrs.append([(g["lr"], g["lr_scale"]) for g in optimizer.param_groups])
 
 
-def _adaptive(tmp_out, batch, accumulation, **kw):
+def _adaptive(tmp_out, batch, accumulation, prepare=None, **kw):
+    """Train a tiny BERT with adaptive rates; ``prepare(trainer)`` may return one more callback to add."""
     model = no_dropout_bert()
     tap = GradTap(model)
     settings = dict(max_steps=2, lr_scheduler_type="linear", logging_steps=1) | kw
@@ -228,6 +229,8 @@ def _adaptive(tmp_out, batch, accumulation, **kw):
         **settings,
     )
     trainer = LLRDTrainer(model=model, args=a, train_dataset=text_data(8), callbacks=[tap])
+    if prepare is not None:
+        trainer.add_callback(prepare(trainer))
     trainer.train()
     return trainer, model, tap
 
@@ -297,23 +300,9 @@ def test_adaptive_rates_see_unscaled_fp16_gradients_without_clipping(tmp_out):
     """Trainer unscales fp16 gradients through clip_grad_norm_ even with max_grad_norm=0 (it computes the norm it
     logs), so adaptive rates need no clipping: the factors equal fp32's, not those of 1024x gradients."""
     reference, _, _ = _adaptive(tmp_out, 4, 1, max_steps=1)
-    model = no_dropout_bert()
-    a = make_args(
-        tmp_out,
-        layer_decay=D,
-        optim="sgd",
-        learning_rate=0.1,
-        max_grad_norm=0.0,
-        per_device_train_batch_size=4,
-        adaptive_lr=True,
-        max_steps=1,
-        logging_steps=1,
-    )
-    trainer = LLRDTrainer(model=model, args=a, train_dataset=text_data(8))
-    scaler = FP16Scaler(trainer)
-    trainer.add_callback(scaler)
-    trainer.train()
-    assert scaler.scales == [1024.0]
+    scalers = []
+    trainer, _, _ = _adaptive(tmp_out, 4, 1, max_steps=1, prepare=lambda t: scalers.append(FP16Scaler(t)) or scalers[0])
+    assert scalers[0].scales == [1024.0]
     assert trainer.accelerator.mixed_precision == "fp16"
     got = {k: v for k, v in trainer.state.log_history[0].items() if k.startswith(("lr_factor/", "grad_norm/"))}
     want = {k: v for k, v in reference.state.log_history[0].items() if k.startswith(("lr_factor/", "grad_norm/"))}
