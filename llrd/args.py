@@ -70,12 +70,14 @@ class LLRDArguments:
         },
     )
     layer_stats: str = field(
-        default="grad_norm",
+        default="lr",
         metadata={
-            "help": "Per-depth logging on the steps Trainer logs: 'lr' (learning rates), 'grad_norm' (default: "
-            "plus gradient norms; nothing is copied), 'all' (plus the update-to-weight ratio; holds a copy of "
-            "every trainable tensor during each logged optimizer step, as much memory as the trainable "
-            "weights) or 'none'.",
+            "help": "Per-depth logs on the steps Trainer logs (to report_to and trainer_state.json; the console "
+            "keeps Trainer's line). 'lr' (default): the rates of the group dicts, free (no tensor read, no engine "
+            "internal). 'grad_norm': plus per-depth gradient norms, one fused norm per logged step (LAYER_STATS_COST; "
+            "under DeepSpeed ZeRO it runs inside ZeRO's step and reads its partitions). 'all': plus the "
+            "update-to-weight ratio, holding a copy of every trainable tensor during each logged step (as much "
+            "memory as the trainable weights). 'none': off. Costs: scripts/results/layer_stats_cost.json.",
             "choices": list(LAYER_STATS_CHOICES),
         },
     )

@@ -32,7 +32,7 @@ from .groups import param_groups, summarize_groups
 from .launch_check import RateCheck
 from .loss_scaling import loss_uses_num_items
 from .manifest import LAYOUT_FILE, LayoutSaver, check_layout, layout_of, read_layout
-from .monitor import LayerMonitor, depth_key
+from .monitor import LayerMonitor, depth_key, quiet_console
 from .optim import apply_rate_mapping, build_optimizer
 
 __all__ = ["LLRDMixin", "LLRDTrainer"]
@@ -284,6 +284,7 @@ class LLRDMixin:
         self._llrd_driver = StepDriver(stages, key_of, group_key) if stages else None
         if self._llrd_driver is not None:
             self.add_callback(self._llrd_driver)
+            quiet_console(self.callback_handler)  # the console keeps Trainer's line; per-depth keys go to report_to
 
     def _clip_grad_norm(self, model):
         """Trainer's clipping, after the stages' ``before_clip`` (frozen depths leave the clip norm)."""

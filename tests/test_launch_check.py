@@ -47,7 +47,10 @@ def test_optimizer_passed_through_optimizers_is_caught(tmp_out):
 
 def test_optimizer_from_llrd_create_optimizer_passes_and_gets_the_stages(tmp_out, caplog):
     model = tiny_models.make("bert")
-    a = make_args(tmp_out, max_steps=2, lr_scheduler_type="constant", adaptive_lr=True, gradual_unfreeze_every=1)
+    a = make_args(
+        tmp_out, max_steps=2, lr_scheduler_type="constant", adaptive_lr=True, gradual_unfreeze_every=1,
+        layer_stats="grad_norm",
+    )  # fmt: skip
     opt = create_optimizer(model, torch.optim.AdamW, {"lr": 1e-3}, layer_decay=0.5, per_depth=True)
     before = model.bert.embeddings.word_embeddings.weight.detach().clone()
     trainer = LLRDTrainer(model=model, args=a, train_dataset=text_data(8), optimizers=(opt, None))
