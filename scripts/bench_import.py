@@ -28,7 +28,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "scripts" / "results"
 REFERENCE = "import torch, transformers"
-STATEMENTS = (REFERENCE, "from llrd import param_groups", "from transformers import Trainer", "from llrd import LLRDTrainer")
+STATEMENTS = (
+    REFERENCE,
+    "from llrd import param_groups",
+    "from transformers import Trainer",
+    "from llrd import LLRDTrainer",
+)
 HEAVY = ("transformers.trainer", "transformers.modeling_utils", "datasets", "accelerate", "deepspeed")
 
 _PROBE = """
