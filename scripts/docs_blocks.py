@@ -154,12 +154,14 @@ def expect() -> str:
     lines = []
     for key, label in DATASETS.items():
         v = _json(f"sweep_{key}/results.json")["verdict"]
-        gain, ci = v["gain"], v["line"].split("t-interval over ")[1].split(": ")[0]
-        what = "LLRD better" if v["excludes_zero"] and gain > 0 else "no difference detected"
-        if v["excludes_zero"] and gain < 0:
-            what = "plain better"
+        g = v["gain"]
+        what = "no difference detected"
+        if v["excludes_zero"]:
+            what = "LLRD better" if g["mean"] > 0 else "plain better"
+        use = "plain" if v["recommended"] == "plain" else f"LLRD ({v['llrd']})"
         lines.append(
-            f"- **{label}**: {what}: paired test-accuracy gain {gain:+.4f}, 95% t-interval over {ci} "
+            f"- **{label}**: {what}; paired test-accuracy gain {g['mean']:+.4f}, {g['confidence']:.0%} t-interval "
+            f"[{g['low']:+.4f}, {g['high']:+.4f}] over {g['n']} seeds; the sweep recommends {use} "
             f"([table](scripts/results/sweep_{key}/table.md))."
         )
     return "\n".join(lines)
