@@ -109,7 +109,7 @@ def suite_times() -> str:
         "",
         "| marker | tests | time (setup + call + teardown, summed) |",
         "|---|---|---|",
-        f"| fast (`-m \"not slow\"`) | {rec['fast']['tests']} | {rec['fast']['seconds']:.0f} s |",
+        f'| fast (`-m "not slow"`) | {rec["fast"]["tests"]} | {rec["fast"]["seconds"]:.0f} s |',
         f"| slow (`-m slow`) | {rec['slow']['tests']} | {rec['slow']['seconds']:.0f} s |",
         "",
         "| file (the five largest) | time |",
