@@ -1,6 +1,6 @@
 """What does LLRD cost? Step time and memory of LLRDTrainer vs plain Trainer, group building, and `llrd inspect`.
 
-    python scripts/bench_overhead.py            # about 20 min on 2 idle CPU cores (Linux: reads /proc)
+    python scripts/bench_overhead.py            # about 20 min on 2 CPU cores (Linux: reads /proc)
     python scripts/bench_overhead.py --quick    # about 5 min
     python scripts/bench_overhead.py --smoke    # the slow test's run (one optimizer, 6 steps): no evidence
 
