@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # imported lazily (light import): see __getattr__
     from .args import LLRDArguments, LLRDTrainingArguments
     from .trainer import LLRDMixin, LLRDTrainer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "LLRDArguments",
     "LLRDMixin",
