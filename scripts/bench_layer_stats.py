@@ -9,8 +9,8 @@ round, one trainer per level runs the same data and seed (the order alternates b
 step runs from one ``on_step_begin`` to the next, so the log call is included; the first steps are warm-up.
 Reported per level: its mean step time divided by ``layer_stats="none"``'s in the same round, as median and
 range over rounds, and the extra milliseconds per logged step. Times are the process's CPU time with one torch
-thread (``time.process_time``), which other work on the machine does not inflate. For ``"all"`` also the size of the weight copy
-it holds during a logged step (the trainable fp32 weights), computed from the model.
+thread (``time.process_time``). For ``"all"`` also the size of the weight copy it holds during a logged step
+(the trainable fp32 weights), computed from the model.
 Results go to scripts/results/layer_stats_cost.json.
 """
 
