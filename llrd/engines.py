@@ -36,6 +36,9 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from .internals import check as check_internals
+from .internals import check_deepspeed, check_zero_optimizer
+
 __all__ = ["StepContext", "StepDriver", "innermost_optimizer", "engine_name", "zero_stage"]
 
 logger = logging.getLogger(__name__)
@@ -235,6 +238,7 @@ class ZeroStepContext(StepContext):
         super().__init__(optimizer, key_of, group_key)
         self.zero = _zero_optimizer(optimizer)
         self.stage = zero_stage(optimizer)
+        check_zero_optimizer(self.zero, self.stage)
         # ZeRO-Offload keeps the partitioned gradients in the fp32 partitions' .grad, not in averaged_gradients
         self.offload = bool(getattr(self.zero, "cpu_offload", False) or getattr(self.zero, "offload_optimizer", False))
         self.group_of_slot = self._slots()
@@ -384,9 +388,9 @@ class StepDriver(TrainerCallback):
         self.close()
         if not any(needs_gradients(stage) for stage in self.stages):
             self._rates_only(optimizer)
-        elif _zero_optimizer(optimizer) is not None:
-            from .internals import check_deepspeed
-
+            return self._start(args, state, kwargs)
+        check_internals("torch")
+        if _zero_optimizer(optimizer) is not None:
             check_deepspeed()  # the ZeRO internals below are those of the tested DeepSpeed versions
             self.ctx = ZeroStepContext(optimizer, self.key_of, self.group_key)
             self._wrap_zero_step(self.ctx.zero, state)
@@ -394,8 +398,10 @@ class StepDriver(TrainerCallback):
             self._without_step_access(innermost_optimizer(optimizer))
         else:
             self.ctx = StepContext(optimizer, self.key_of, self.group_key)
-        if self.ctx.engine != "rates":
-            _refuse_multi_dim_meshes((p for g in self.ctx.groups for p in g["params"]), self.stages)
+        _refuse_multi_dim_meshes((p for g in self.ctx.groups for p in g["params"]), self.stages)
+        self._start(args, state, kwargs)
+
+    def _start(self, args, state, kwargs: dict) -> None:
         self.ctx.new_step(state)
         self._call("on_train_begin", args, state, train_dataloader=kwargs.get("train_dataloader"))
 

@@ -29,6 +29,7 @@ from .controls import AdaptiveLayerLR, GradualUnfreezer, freeze_below_scale, rei
 from .discovery import LayerMap, layer_ids
 from .engines import StepDriver
 from .groups import param_groups, summarize_groups
+from .internals import check as check_internals
 from .launch_check import RateCheck
 from .loss_scaling import loss_uses_num_items
 from .manifest import LAYOUT_FILE, LayoutSaver, check_layout, layout_of, read_layout
@@ -56,6 +57,7 @@ class LLRDMixin:
     llrd_args: LLRDArguments
 
     def __init__(self, *args: Any, llrd_args: LLRDArguments | None = None, **kwargs: Any):
+        check_internals("transformers", "accelerate", "torch")  # one line naming the version if one is gone
         names = set(llrd_field_names())
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
         args, kwargs, given = _with_overrides(args, kwargs, overrides)

@@ -8,9 +8,11 @@ A 4-block BERT (hidden 256, random weights), batch 8 x 64 tokens, AdamW, layer_d
 round, one trainer per level runs the same data and seed (the order alternates between rounds); the time of a
 step runs from one ``on_step_begin`` to the next, so the log call is included; the first steps are warm-up.
 Reported per level: its mean step time divided by ``layer_stats="none"``'s in the same round, as median and
-range over rounds, and the extra milliseconds per logged step. Times are the process's CPU time with one torch
-thread (``time.process_time``). For ``"all"`` also the size of the weight copy it holds during a logged step
-(the trainable fp32 weights), computed from the model.
+range over rounds, and the extra milliseconds per logged step; and, measured inside the run, the monitor's own
+work per logged step (its ``before_step`` and ``after_step``, timed around each call), which the step-to-step
+spread of a whole step would hide. One untimed run comes first (warm-up of the process). Times are the
+process's CPU time with one torch thread (``time.process_time``). For ``"all"`` also the size of the weight copy
+it holds during a logged step (the trainable fp32 weights), computed from the model.
 Results go to scripts/results/layer_stats_cost.json.
 """
 
@@ -67,11 +69,34 @@ class StepClock(TrainerCallback):
         return [b - a for a, b in zip(self.starts, self.starts[1:], strict=False)][warmup:]
 
 
-def run_level(level: str, steps: int, warmup: int, scratch: str) -> float:
-    """Mean CPU seconds per (logged) step of one trainer at this level."""
+class MonitorClock:
+    """CPU time spent in ``LayerMonitor.before_step`` / ``after_step`` (patched on the class for this process)."""
+
+    seconds: list[float] = []
+
+    @classmethod
+    def install(cls) -> None:
+        from llrd.monitor import LayerMonitor
+
+        for name in ("before_step", "after_step"):
+            original = getattr(LayerMonitor, name)
+
+            def timed(self, ctx, _original=original):
+                start = time.process_time()
+                try:
+                    return _original(self, ctx)
+                finally:
+                    cls.seconds.append(time.process_time() - start)
+
+            setattr(LayerMonitor, name, timed)
+
+
+def run_level(level: str, steps: int, warmup: int, scratch: str) -> tuple[float, float]:
+    """Mean CPU seconds per (logged) step of one trainer at this level, and the monitor's own part of it."""
     from llrd import LLRDTrainer, LLRDTrainingArguments
 
     clock = StepClock()
+    MonitorClock.seconds = []
     args = LLRDTrainingArguments(
         output_dir=f"{scratch}/{level}", learning_rate=1e-4, max_steps=steps + warmup, per_device_train_batch_size=8,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
@@ -79,7 +104,8 @@ def run_level(level: str, steps: int, warmup: int, scratch: str) -> float:
     )  # fmt: skip
     trainer = LLRDTrainer(model=model(), args=args, train_dataset=data(), callbacks=[clock])
     trainer.train()
-    return statistics.mean(clock.step_seconds(warmup))
+    steps_timed = clock.step_seconds(warmup)
+    return statistics.mean(steps_timed), sum(MonitorClock.seconds) / (steps + warmup)
 
 
 def main() -> None:
@@ -91,11 +117,15 @@ def main() -> None:
     opts = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)  # one intra-op thread: the process's CPU time is the step's work
-    rounds = []
+    MonitorClock.install()
+    rounds, monitor = [], []
     with tempfile.TemporaryDirectory() as scratch:
+        run_level("all", 2, 1, scratch)  # warm-up, not counted
         for r in range(opts.rounds):
             order = LEVELS if r % 2 == 0 else tuple(reversed(LEVELS))
-            rounds.append({level: run_level(level, opts.steps, opts.warmup, scratch) for level in order})
+            timed = {level: run_level(level, opts.steps, opts.warmup, scratch) for level in order}
+            rounds.append({k: v[0] for k, v in timed.items()})
+            monitor.append({k: v[1] for k, v in timed.items()})
             logger.info("round %d: %s", r, {k: round(v * 1e3, 1) for k, v in rounds[-1].items()})
     trainable = sum(p.numel() for p in model().parameters() if p.requires_grad)
     levels = {}
@@ -108,6 +138,11 @@ def main() -> None:
             "ratio_to_none_range": [round(min(ratios), 4), round(max(ratios), 4)],
             "extra_ms_per_logged_step_median": round(statistics.median(extra), 2),
             "extra_ms_per_logged_step_range": [round(min(extra), 2), round(max(extra), 2)],
+            "monitor_ms_per_logged_step_median": round(statistics.median(m[level] for m in monitor) * 1e3, 3),
+            "monitor_ms_per_logged_step_range": [
+                round(min(m[level] for m in monitor) * 1e3, 3),
+                round(max(m[level] for m in monitor) * 1e3, 3),
+            ],
         }
     result = {
         "setup": "BERT 4 blocks x 256 (random weights), batch 8 x 64 tokens, AdamW, layer_decay 0.8, logging every "
