@@ -73,11 +73,13 @@ class LLRDArguments:
         default="lr",
         metadata={
             "help": "Per-depth logs on the steps Trainer logs (to report_to and trainer_state.json; the console "
-            "keeps Trainer's line). 'lr' (default): the rates of the group dicts, free (no tensor read, no engine "
-            "internal). 'grad_norm': plus per-depth gradient norms, one fused norm per logged step (LAYER_STATS_COST; "
-            "under DeepSpeed ZeRO it runs inside ZeRO's step and reads its partitions). 'all': plus the "
+            "keeps Trainer's line). 'lr' (default): the rates the group dicts hold, read in a step pre-hook; no "
+            "tensor, no engine internal (measured 0.12 ms per logged step). 'grad_norm': plus per-depth gradient "
+            "norms, one fused norm over the gradients (measured 2.7 ms per logged step, 1.7% of a 4-block BERT's "
+            "CPU step); under DeepSpeed ZeRO it runs inside ZeRO's step and reads its partitions. 'all': plus the "
             "update-to-weight ratio, holding a copy of every trainable tensor during each logged step (as much "
-            "memory as the trainable weights). 'none': off. Costs: scripts/results/layer_stats_cost.json.",
+            "memory as the trainable weights; measured 30 ms, +20% of that step). 'none': off. Figures: "
+            "scripts/results/layer_stats_cost.json (python scripts/bench_layer_stats.py).",
             "choices": list(LAYER_STATS_CHOICES),
         },
     )

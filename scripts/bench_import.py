@@ -4,7 +4,8 @@
     python scripts/bench_import.py --runs 3
 
 Each round starts a fresh interpreter per statement (the order alternates between rounds) and times the
-statement itself with ``time.perf_counter`` inside that interpreter (interpreter start-up excluded):
+statement itself inside that interpreter (interpreter start-up excluded), as CPU time (``time.process_time``,
+the figure the ratios use) and wall time (``wall_seconds``, which includes waiting for the disk):
 
 * ``import torch, transformers``: the reference;
 * ``from llrd import param_groups``: the light path (torch and llrd's pure functions only);
@@ -38,10 +39,10 @@ HEAVY = ("transformers.trainer", "transformers.modeling_utils", "datasets", "acc
 
 _PROBE = """
 import json, sys, time
-t = time.perf_counter()
+t, c = time.perf_counter(), time.process_time()
 exec({stmt!r})
-took = time.perf_counter() - t
-print(json.dumps({{"seconds": took, "loaded": [m for m in {heavy!r} if m in sys.modules]}}))
+wall, cpu = time.perf_counter() - t, time.process_time() - c
+print(json.dumps({{"seconds": cpu, "wall_seconds": wall, "loaded": [m for m in {heavy!r} if m in sys.modules]}}))
 """
 
 
