@@ -8,6 +8,9 @@ installed version, the tested ones and what to install, instead of an ``Attribut
 * DeepSpeed is checked when llrd is about to read ZeRO's partitions (opt-in per-depth statistics, adaptive
   rates, gradual unfreezing under ZeRO; see :mod:`llrd.engines`): :func:`check_deepspeed` refuses a version
   outside ``DEEPSPEED_RANGE`` and :func:`check_zero_optimizer` the live ZeRO optimizer missing an attribute.
+* The default path (``layer_stats="lr"``) only follows the wrappers' ``optimizer`` attribute (accelerate's
+  ``AcceleratedOptimizer``, DeepSpeed's ZeRO optimizer) down to the torch optimizer, to register a public
+  ``register_step_pre_hook``; nothing else of an engine is read.
 
 Example:
     >>> from llrd.internals import check
