@@ -98,6 +98,7 @@ class LLRDMixin:
         self._llrd_resuming = False
         self._llrd_resume_from: str | None = None
         self._llrd_callbacks: list[Any] = []
+        self._llrd_hp_space: Any = None
         self._llrd_reinitialised: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models re-initialised once
         super().__init__(*args, **kwargs)
         if isinstance(self.args, LLRDArguments):
@@ -201,20 +202,25 @@ class LLRDMixin:
             self._llrd_start(model)
         return model
 
-    def hyperparameter_search(self, *args: Any, **kwargs: Any):
-        """Trainer's search; LLRD keys of the hp space may be LLRD settings. Afterwards the LLRD settings are the
+    def hyperparameter_search(self, hp_space: Any = None, *args: Any, **kwargs: Any):
+        """Trainer's search; keys of the hp space may be LLRD settings. Afterwards the LLRD settings are the
         trainer's own again (not the last trial's): apply the best ones with ``trainer.llrd_args``."""
         saved = self.llrd_args.llrd_dict()
+        self._llrd_hp_space = hp_space
+        if hp_space is not None and self.llrd_args is not self.args:
+            hp_space = _without_llrd_keys(hp_space)  # Trainer sets each key on args, which has no LLRD field
         try:
-            return super().hyperparameter_search(*args, **kwargs)
+            return super().hyperparameter_search(hp_space, *args, **kwargs)
         finally:
+            self._llrd_hp_space = None
             for key, value in saved.items():
                 setattr(self.llrd_args, key, value)
 
     def _llrd_trial_params(self, trial) -> dict[str, Any]:
-        if getattr(self, "hp_search_backend", None) is None or trial is None:
+        space = getattr(self, "_llrd_hp_space", None)
+        if getattr(self, "hp_search_backend", None) is None or trial is None or space is None:
             return {}
-        values = self.hp_space(trial) if not isinstance(trial, dict) else trial
+        values = space(trial) if not isinstance(trial, dict) else trial
         names = set(llrd_field_names())
         params = {}
         for key, value in values.items():
@@ -419,6 +425,18 @@ def _with_overrides(args: tuple, kwargs: dict, overrides: dict[str, Any]) -> tup
         else:
             kwargs = {**kwargs, "args": given}
     return args, kwargs, given
+
+
+def _without_llrd_keys(hp_space: Any) -> Any:
+    """The hp space as Trainer should see it for a trial (optuna): without the LLRD settings. Called without a
+    trial (ray, wandb read the space itself), the whole space."""
+    names = set(llrd_field_names())
+
+    def space(trial: Any) -> Any:
+        values = hp_space(trial)
+        return values if trial is None else {k: v for k, v in values.items() if k not in names}
+
+    return space
 
 
 def _is_sentence_transformers(trainer: Any) -> bool:
