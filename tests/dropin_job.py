@@ -41,7 +41,7 @@ class TwoMeshModel(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)) for _ in range(2))
         self.head = nn.Linear(4, 1)
 
     def forward(self, x):
@@ -57,9 +57,10 @@ def mesh_split(out):
     meshes = [init_device_mesh("cpu", (2,), mesh_dim_names=(name,)) for name in ("dp", "ep")]
     assert meshes[0] != meshes[1]
     model = TwoMeshModel()
-    for layer, mesh in zip(model.layers, meshes, strict=True):  # block 0 on one mesh, block 1 on the other
-        for name, param in list(layer.named_parameters()):
-            setattr(layer, name, nn.Parameter(distribute_tensor(param.detach(), mesh, [Shard(0)])))
+    for block in model.layers:  # in each block, one linear on each mesh: every depth's group mixes the meshes
+        for linear, mesh in zip(block, meshes, strict=True):
+            for name, param in list(linear.named_parameters()):
+                setattr(linear, name, nn.Parameter(distribute_tensor(param.detach(), mesh, [Shard(0)])))
     arguments = LLRDTrainingArguments(
         **base_args(out, layer_decay=0.5, block_pattern=r"layers\.\d+", weight_decay=0.0, ddp_backend="gloo")
     )
@@ -73,8 +74,9 @@ def mesh_split(out):
         assert len({mesh_of(p) for p in group["params"]}) == 1, group["group_name"]
         assert len(group["params"]) == len(group["param_names"])
     scales = {n: g["lr_scale"] for g in optimizer.param_groups for n in g["param_names"]}
-    assert scales == {"layers.0.weight": 0.25, "layers.0.bias": 0.25, "layers.1.weight": 0.5, "layers.1.bias": 0.5,
-                      "head.weight": 1.0, "head.bias": 1.0}, scales  # fmt: skip
+    expected = {f"layers.{i}.{j}.{w}": 0.5 ** (2 - i) for i in (0, 1) for j in (0, 1) for w in ("weight", "bias")}
+    assert scales == {**expected, "head.weight": 1.0, "head.bias": 1.0}, scales
+    assert len(optimizer.param_groups) == 2 * 2 * 2 + 2  # (depth, decay) x mesh, and the head's two
     meshes_seen = {mesh_of(p) for g in optimizer.param_groups for p in g["params"]}
     assert meshes_seen == {None, *meshes}
     for group in optimizer.param_groups:
