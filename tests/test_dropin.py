@@ -28,8 +28,14 @@ from llrd.manifest import LAYOUT_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 # Keys of the log history that measure time, not training.
-TIMED = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "eval_runtime",
-         "eval_samples_per_second", "eval_steps_per_second")  # fmt: skip
+TIMED = (
+    "train_runtime",
+    "train_samples_per_second",
+    "train_steps_per_second",
+    "eval_runtime",
+    "eval_samples_per_second",
+    "eval_steps_per_second",
+)
 
 
 # --- block-less models, as in transformers' own Trainer tests ---------------------------------------------------
@@ -68,8 +74,12 @@ def mse(outputs, labels, num_items_in_batch=None):
 
 MODELS = {  # model, data, trainer keywords, TrainingArguments fields
     "regression_mlp": (RegressionMLP, regression_data, {}, {}),
-    "sequential": (sequential, sequential_data, {"compute_loss_func": mse},
-                   {"remove_unused_columns": False, "label_names": ["labels"]}),  # fmt: skip
+    "sequential": (
+        sequential,
+        sequential_data,
+        {"compute_loss_func": mse},
+        {"remove_unused_columns": False, "label_names": ["labels"]},
+    ),
 }
 
 
@@ -118,10 +128,12 @@ def train(cls, out, model_fn, data, trainer_kw=None, llrd_args_class=True, resum
         logs=[{k: v for k, v in h.items() if k not in TIMED} for h in trainer.state.log_history],
         weights={n: p.detach().clone() for n, p in trainer.model.named_parameters()},
         groups=[
-            ([n for n, q in trainer.model.named_parameters() if any(q is p for p in g["params"])],
-             {k: v for k, v in g.items() if k != "params"})
+            (
+                [n for n, q in trainer.model.named_parameters() if any(q is p for p in g["params"])],
+                {k: v for k, v in g.items() if k != "params"},
+            )
             for g in trainer.optimizer.param_groups
-        ],  # fmt: skip
+        ],
         callbacks=callbacks,
         events=events.seen,
         files=sorted(str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file()),
@@ -148,8 +160,15 @@ def test_block_less_models_train_as_with_trainer(kind, arguments, tmp_path):
     model_fn, data_fn, kw, extra = MODELS[kind]
     common = dict(gradient_accumulation_steps=2, save_strategy="steps", save_steps=2, **extra)
     ref = train(Trainer, tmp_path / "ref", model_fn, data_fn(), kw, **common)
-    ours = train(LLRDTrainer, tmp_path / "ours", model_fn, data_fn(), kw,
-                 llrd_args_class=arguments == "LLRDTrainingArguments", **common)  # fmt: skip
+    ours = train(
+        LLRDTrainer,
+        tmp_path / "ours",
+        model_fn,
+        data_fn(),
+        kw,
+        llrd_args_class=arguments == "LLRDTrainingArguments",
+        **common,
+    )
     assert_same(ours, ref)
     assert not any(LAYOUT_FILE in f for f in ours["files"])
     assert ours["trainer"].llrd_layout is None
@@ -169,8 +188,11 @@ def test_smallest_case_gives_trainers_two_groups(tmp_path):
 
 
 def test_with_layer_decay_a_block_less_model_stops_with_the_clear_error(tmp_path):
-    trainer = LLRDTrainer(model=RegressionMLP(), args=LLRDTrainingArguments(**base_args(tmp_path, layer_decay=0.8)),
-                          train_dataset=regression_data())  # fmt: skip
+    trainer = LLRDTrainer(
+        model=RegressionMLP(),
+        args=LLRDTrainingArguments(**base_args(tmp_path, layer_decay=0.8)),
+        train_dataset=regression_data(),
+    )
     with pytest.raises(ValueError, match="no transformer blocks found in RegressionMLP"):
         trainer.train()
 
@@ -193,15 +215,24 @@ def test_gradient_accumulation_of_a_head_that_averages_its_loss_matches_trainer(
 def test_loss_scaling_fix_is_opt_in_and_matches_a_larger_batch(tmp_path, caplog):
     def bert():
         torch.manual_seed(0)
-        cfg = tf.BertConfig(num_hidden_layers=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                            **tiny_models.TEXT)  # fmt: skip
+        cfg = tf.BertConfig(
+            num_hidden_layers=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **tiny_models.TEXT
+        )
         return tf.BertForSequenceClassification(cfg)
 
     common = dict(max_steps=1, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0)
     big = train(Trainer, tmp_path / "big", bert, text_data(8), per_device_train_batch_size=8, **common)
     with caplog.at_level(logging.WARNING, logger="llrd"):
-        fixed = train(LLRDTrainer, tmp_path / "fix", bert, text_data(8), per_device_train_batch_size=2,
-                      gradient_accumulation_steps=4, fix_loss_scaling=True, **common)  # fmt: skip
+        fixed = train(
+            LLRDTrainer,
+            tmp_path / "fix",
+            bert,
+            text_data(8),
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=4,
+            fix_loss_scaling=True,
+            **common,
+        )
     assert not [r for r in caplog.records if "too large" in r.getMessage()]  # the fix is on: no warning
     assert fixed["trainer"].model_accepts_loss_kwargs is False
     loss = [h["loss"] for h in fixed["logs"] if "loss" in h][0]
@@ -224,20 +255,47 @@ def test_resume_from_a_checkpoint_matches_trainer(tmp_path):
     for cls in (Trainer, LLRDTrainer):
         out = tmp_path / cls.__name__
         train(Trainer, out, RegressionMLP, regression_data(), **common)  # both resume Trainer's checkpoint
-    ref = train(Trainer, tmp_path / "Trainer", RegressionMLP, regression_data(),
-                resume=str(tmp_path / "Trainer" / "checkpoint-2"), **common)  # fmt: skip
-    ours = train(LLRDTrainer, tmp_path / "LLRDTrainer", RegressionMLP, regression_data(),
-                 resume=str(tmp_path / "LLRDTrainer" / "checkpoint-2"), **common)  # fmt: skip
+    ref = train(
+        Trainer,
+        tmp_path / "Trainer",
+        RegressionMLP,
+        regression_data(),
+        resume=str(tmp_path / "Trainer" / "checkpoint-2"),
+        **common,
+    )
+    ours = train(
+        LLRDTrainer,
+        tmp_path / "LLRDTrainer",
+        RegressionMLP,
+        regression_data(),
+        resume=str(tmp_path / "LLRDTrainer" / "checkpoint-2"),
+        **common,
+    )
     assert_same(ours, ref)
 
 
 def test_best_model_reload_matches_trainer(tmp_path):
-    common = dict(save_strategy="steps", save_steps=1, eval_strategy="steps", eval_steps=1, max_steps=4,
-                  load_best_model_at_end=True, metric_for_best_model="loss", learning_rate=0.3)  # fmt: skip
-    ref = train(Trainer, tmp_path / "ref", RegressionMLP, regression_data(), {"eval_dataset": regression_data(8, 1)},
-                **common)  # fmt: skip
-    ours = train(LLRDTrainer, tmp_path / "ours", RegressionMLP, regression_data(),
-                 {"eval_dataset": regression_data(8, 1)}, **common)  # fmt: skip
+    common = dict(
+        save_strategy="steps",
+        save_steps=1,
+        eval_strategy="steps",
+        eval_steps=1,
+        max_steps=4,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        learning_rate=0.3,
+    )
+    ref = train(
+        Trainer, tmp_path / "ref", RegressionMLP, regression_data(), {"eval_dataset": regression_data(8, 1)}, **common
+    )
+    ours = train(
+        LLRDTrainer,
+        tmp_path / "ours",
+        RegressionMLP,
+        regression_data(),
+        {"eval_dataset": regression_data(8, 1)},
+        **common,
+    )
     assert ref["best"] is not None
     assert_same(ours, ref)
 
@@ -263,12 +321,19 @@ def test_optuna_search_matches_trainer(tmp_path):
     def search(cls):
         out = tmp_path / cls.__name__
         arguments = (TrainingArguments if cls is Trainer else LLRDTrainingArguments)(**base_args(out))
-        trainer = cls(model_init=RegressionMLP, args=arguments, train_dataset=regression_data(),
-                      eval_dataset=regression_data(8, 1))  # fmt: skip
+        trainer = cls(
+            model_init=RegressionMLP,
+            args=arguments,
+            train_dataset=regression_data(),
+            eval_dataset=regression_data(8, 1),
+        )
         best = trainer.hyperparameter_search(
             hp_space=lambda trial: {"learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-1, log=True)},
-            backend="optuna", n_trials=2, direction="minimize", sampler=optuna.samplers.TPESampler(seed=0),
-        )  # fmt: skip
+            backend="optuna",
+            n_trials=2,
+            direction="minimize",
+            sampler=optuna.samplers.TPESampler(seed=0),
+        )
         return best, trainer
 
     (ref, t_ref), (ours, t_ours) = search(Trainer), search(LLRDTrainer)
@@ -289,12 +354,19 @@ def test_optuna_search_over_layer_decay_turns_llrd_on_per_trial(tmp_path):
         torch.manual_seed(0)
         return tf.BertForSequenceClassification(tf.BertConfig(num_hidden_layers=2, **tiny_models.TEXT))
 
-    trainer = LLRDTrainer(model_init=bert, args=LLRDTrainingArguments(**base_args(tmp_path, max_steps=1)),
-                          train_dataset=text_data(8), eval_dataset=text_data(4), callbacks=[Spy()])  # fmt: skip
+    trainer = LLRDTrainer(
+        model_init=bert,
+        args=LLRDTrainingArguments(**base_args(tmp_path, max_steps=1)),
+        train_dataset=text_data(8),
+        eval_dataset=text_data(4),
+        callbacks=[Spy()],
+    )
     trainer.hyperparameter_search(
         hp_space=lambda t: {"layer_decay": t.suggest_categorical("layer_decay", [1.0, 0.5])},
-        backend="optuna", n_trials=4, direction="minimize",
-    )  # fmt: skip
+        backend="optuna",
+        n_trials=4,
+        direction="minimize",
+    )
     assert {d for d, _ in seen} == {1.0, 0.5}
     assert all(n == 2 for d, n in seen if d == 1.0) and all(n > 2 for d, n in seen if d == 0.5)
     assert trainer.llrd_args.layer_decay == 1.0
@@ -328,8 +400,15 @@ def test_resuming_an_llrd_off_checkpoint_with_llrd_on_is_one_line(tmp_path):
     train(LLRDTrainer, tmp_path, _bert, text_data(8), **common)
     assert not (tmp_path / "checkpoint-2" / LAYOUT_FILE).exists()
     with pytest.raises(ValueError, match=LAYOUT_FILE) as err:
-        train(LLRDTrainer, tmp_path, _bert, text_data(8), resume=str(tmp_path / "checkpoint-2"), layer_decay=0.5,
-              **{**common, "max_steps": 4})  # fmt: skip
+        train(
+            LLRDTrainer,
+            tmp_path,
+            _bert,
+            text_data(8),
+            resume=str(tmp_path / "checkpoint-2"),
+            layer_decay=0.5,
+            **{**common, "max_steps": 4},
+        )
     message = str(err.value)
     assert "\n" not in message and "written with LLRD off" in message and "checkpoint-2" in message
     # resume_from_checkpoint=True finds the same checkpoint and the same error
@@ -372,27 +451,41 @@ ON = {"layer_decay": 0.5}  # what a refinement needs to act
 EFFECTS = {
     "layer_decay": (0.5, {}, lambda t: sorted({g["lr_scale"] for g in _groups(t)}) == [0.125, 0.25, 0.5, 1.0]),
     "block_pattern": (r"bert\.encoder\.layer\.0", ON, lambda t: t.llrd_layer_map(t.model).num_layers == 1),
-    "depth_overrides": ({r"^classifier\.": 0}, ON,
-                        lambda t: next(g for g in _groups(t) if "classifier.weight" in g["param_names"])["layer_id"]
-                        == 0),  # fmt: skip
+    "depth_overrides": (
+        {r"^classifier\.": 0},
+        ON,
+        lambda t: next(g for g in _groups(t) if "classifier.weight" in g["param_names"])["layer_id"] == 0,
+    ),
     "depth_source": ("structure", ON, lambda t: t.llrd_layer_map(t.model).source == "structure"),
     "layer_stats": (None, ON, None),  # every other choice: see test_layer_stats_choices
     "stack_decay": ({"bert": 0.25}, {}, lambda t: min(g["lr_scale"] for g in _groups(t)) == 0.25**3),
     "layer_decay_min_scale": (0.3, ON, lambda t: min(g["lr_scale"] for g in _groups(t)) == 0.3),
     "head_lr_scale": (2.0, {}, lambda t: max(g["lr_scale"] for g in _groups(t)) == 2.0),
     "lr_multipliers": ({"classifier": 3.0}, {}, lambda t: any(g["lr_scale"] == 3.0 for g in _groups(t))),
-    "freeze_below_scale": (0.3, ON,
-                           lambda t: not _started(t).model.bert.embeddings.word_embeddings.weight.requires_grad),
+    "freeze_below_scale": (
+        0.3,
+        ON,
+        lambda t: not _started(t).model.bert.embeddings.word_embeddings.weight.requires_grad,
+    ),
     "gradual_unfreeze_every": (2.0, {}, lambda t: _stage(t, "GradualUnfreezer") is not None),
-    "gradual_unfreeze_unit": ("epochs", {"gradual_unfreeze_every": 1.0},
-                              lambda t: _stage(t, "GradualUnfreezer").unit == "epochs"),  # fmt: skip
-    "gradual_unfreeze_depths": (2, {"gradual_unfreeze_every": 1.0},
-                                lambda t: _stage(t, "GradualUnfreezer").depths == 2),  # fmt: skip
+    "gradual_unfreeze_unit": (
+        "epochs",
+        {"gradual_unfreeze_every": 1.0},
+        lambda t: _stage(t, "GradualUnfreezer").unit == "epochs",
+    ),
+    "gradual_unfreeze_depths": (
+        2,
+        {"gradual_unfreeze_every": 1.0},
+        lambda t: _stage(t, "GradualUnfreezer").depths == 2,
+    ),
     "reinit_top_blocks": (1, {}, lambda t: _top_block_changed(t) == (True, True)),
     "reinit_pooler": (False, {"reinit_top_blocks": 1}, lambda t: _top_block_changed(t) == (True, False)),
     "adaptive_lr": (True, {}, lambda t: _groups(t) and t._llrd_adaptive is not None),
-    "verify_rates": (False, ON,
-                     lambda t: not any(isinstance(c, RateCheck) for c in _started(t).callback_handler.callbacks)),
+    "verify_rates": (
+        False,
+        ON,
+        lambda t: not any(isinstance(c, RateCheck) for c in _started(t).callback_handler.callbacks),
+    ),
     "fix_loss_scaling": (True, {}, lambda t: t.model_accepts_loss_kwargs is False),
 }
 
@@ -416,8 +509,11 @@ def test_each_setting_at_default_is_trainer_and_otherwise_acts(name, tmp_path, c
     assert at_default._llrd_driver is None and at_default.llrd_layout is None
 
     value, needs, active = EFFECTS[name]
-    trainer = LLRDTrainer(model=_bert(), args=LLRDTrainingArguments(**base_args(tmp_path, **needs, **{name: value})),
-                          train_dataset=text_data(8))  # fmt: skip
+    trainer = LLRDTrainer(
+        model=_bert(),
+        args=LLRDTrainingArguments(**base_args(tmp_path, **needs, **{name: value})),
+        train_dataset=text_data(8),
+    )
     assert active(trainer), f"{name}={value!r} had no effect"
     if name in _REFINES:  # alone, a refinement does nothing: Trainer, and one warning that names what it needs
         with caplog.at_level(logging.WARNING, logger="llrd"):
@@ -431,15 +527,21 @@ def test_layer_stats_choices(choice, tmp_path):
     default = next(f.default for f in dataclasses.fields(LLRDArguments) if f.name == "layer_stats")
     expected = {"none": set(), "lr": {"lr"}, "grad_norm": {"lr", "grad_norm"}}
     expected["all"] = {"lr", "grad_norm", "update_ratio"}
-    alone = LLRDTrainer(model=_bert(), args=LLRDTrainingArguments(**base_args(tmp_path, max_steps=1,
-                        layer_stats=choice)), train_dataset=text_data(8))  # fmt: skip
+    alone = LLRDTrainer(
+        model=_bert(),
+        args=LLRDTrainingArguments(**base_args(tmp_path, max_steps=1, layer_stats=choice)),
+        train_dataset=text_data(8),
+    )
     logged = _logged_prefixes(alone)
     if choice in ("none", default):  # alone: LLRD stays off, Trainer's logs
         assert not alone.llrd_args.active and logged == set()
     else:  # alone it turns LLRD on: per-depth logging at Trainer's rates
         assert alone.llrd_args.active and logged == expected[choice]
-    on = LLRDTrainer(model=_bert(), args=LLRDTrainingArguments(**base_args(tmp_path, max_steps=1, layer_decay=0.5,
-                     layer_stats=choice)), train_dataset=text_data(8))  # fmt: skip
+    on = LLRDTrainer(
+        model=_bert(),
+        args=LLRDTrainingArguments(**base_args(tmp_path, max_steps=1, layer_decay=0.5, layer_stats=choice)),
+        train_dataset=text_data(8),
+    )
     assert _logged_prefixes(on) == expected[choice]
 
 
@@ -462,8 +564,9 @@ def test_the_optimizer_is_built_by_trainers_own_create_optimizer(tmp_path, monke
 
 def test_optimizer_cls_and_kwargs_keeps_its_class_and_kwargs(tmp_path):
     own = (torch.optim.SGD, {"lr": 1e-2, "momentum": 0.9})
-    trainer = LLRDTrainer(model=_bert(), args=LLRDTrainingArguments(**base_args(tmp_path, layer_decay=0.5)),
-                          optimizer_cls_and_kwargs=own)  # fmt: skip
+    trainer = LLRDTrainer(
+        model=_bert(), args=LLRDTrainingArguments(**base_args(tmp_path, layer_decay=0.5)), optimizer_cls_and_kwargs=own
+    )
     opt = trainer.create_optimizer()
     assert type(opt) is torch.optim.SGD and all(g["momentum"] == 0.9 for g in opt.param_groups)
     assert sorted({g["lr_scale"] for g in opt.param_groups}) == [0.125, 0.25, 0.5, 1.0]
@@ -475,12 +578,18 @@ def test_an_optimizer_factory_is_refused_with_llrd_on_and_used_with_llrd_off(tmp
         def __call__(self, model, **kwargs):
             return torch.optim.SGD(model.parameters(), lr=kwargs["lr"])
 
-    on = LLRDTrainer(model=_bert(), args=LLRDTrainingArguments(**base_args(tmp_path, layer_decay=0.5)),
-                     optimizer_cls_and_kwargs=(Factory, {"lr": 1e-2}))  # fmt: skip
+    on = LLRDTrainer(
+        model=_bert(),
+        args=LLRDTrainingArguments(**base_args(tmp_path, layer_decay=0.5)),
+        optimizer_cls_and_kwargs=(Factory, {"lr": 1e-2}),
+    )
     with pytest.raises(ValueError, match="a factory, not an Optimizer class"):
         on.create_optimizer()
-    off = LLRDTrainer(model=_bert(), args=LLRDTrainingArguments(**base_args(tmp_path)),
-                      optimizer_cls_and_kwargs=(Factory, {"lr": 1e-2}))  # fmt: skip
+    off = LLRDTrainer(
+        model=_bert(),
+        args=LLRDTrainingArguments(**base_args(tmp_path)),
+        optimizer_cls_and_kwargs=(Factory, {"lr": 1e-2}),
+    )
     assert type(off.create_optimizer()) is torch.optim.SGD
 
 
@@ -496,8 +605,11 @@ def test_training_arguments_and_llrd_args_need_no_warning(tmp_path, recwarn):
         pass
 
     LLRDTrainer(model=_bert(), args=LLRDTrainingArguments(**base_args(tmp_path, layer_decay=0.8)))
-    sub = MySeq2Seq(model=_bert(), args=tf.Seq2SeqTrainingArguments(tmp_path, report_to="none"),
-                    llrd_args=LLRDArguments(layer_decay=0.8))  # fmt: skip
+    sub = MySeq2Seq(
+        model=_bert(),
+        args=tf.Seq2SeqTrainingArguments(tmp_path, report_to="none"),
+        llrd_args=LLRDArguments(layer_decay=0.8),
+    )
     assert sub.llrd_args.layer_decay == 0.8
     assert not [w for w in recwarn if issubclass(w.category, FutureWarning) and "llrd" in str(w.message)]
 
