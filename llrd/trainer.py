@@ -240,7 +240,8 @@ class LLRDMixin:
                 self.remove_callback(self._llrd_driver)
             self._llrd_driver = self._llrd_adaptive = self.llrd_layout = None
             return
-        self._llrd_callbacks = [LayoutSaver()] + ([RateCheck(self)] if self.llrd_args.verify_rates else [])
+        check = self.llrd_args.verify_rates and self.llrd_args.changes_rates  # only per-layer rates to verify
+        self._llrd_callbacks = [LayoutSaver()] + ([RateCheck(self)] if check else [])
         for callback in self._llrd_callbacks:
             self.add_callback(callback)
         if model is not None:
