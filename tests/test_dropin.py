@@ -8,6 +8,7 @@ optimizer, optuna search, and 2 CPU processes (test_two_processes_*)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import subprocess
 import sys
@@ -627,3 +628,21 @@ def test_two_processes_match_trainer_and_split_groups_by_mesh(tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     assert (tmp_path / "ok-0").read_text() == (tmp_path / "ok-1").read_text() == "ok"
+
+
+# --- the recipes with LLRD off -----------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.usefixtures("shared_data")
+def test_the_text_recipe_runs_with_llrd_off_and_records_trainers_groups(tmp_path):
+    """The sweep's plain arm: layer_decay=1 is Trainer, so the recipe records Trainer's two groups."""
+    from test_recipes import RECIPES, SST2, common_flags, run, tiny_text_model
+
+    model, out = tiny_text_model(tmp_path / "model"), tmp_path / "out"
+    proc = run(sys.executable, str(RECIPES / "text_classification.py"), "--model_name_or_path", str(model),
+               "--train_file", str(SST2 / "train.csv"), "--max_train_samples", "32", "--max_seq_length", "32",
+               *common_flags(out, decay="1.0"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    groups = json.loads((out / "llrd_groups.json").read_text())
+    assert [(g["group_name"], g["lr_scale"], g["layer_id"]) for g in groups] == [(None, 1.0, None)] * 2
+    names = [n for g in groups for n in g["param_names"]]
+    assert len(names) == len(set(names)) and "classifier.weight" in names and None not in names
