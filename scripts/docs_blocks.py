@@ -75,8 +75,8 @@ def _source(command: str, files: str, hardware: str) -> str:
     return f"_Generated from {files} (command: `{command}`; {hardware})._"
 
 
-def _without_load(md: str) -> str:
-    """A results table without its first line (the command and, in older files, the machine's load)."""
+def _body(md: str) -> str:
+    """A results file's text without its first line (the command and hardware, which the block's head gives)."""
     return md.split("\n", 1)[1].strip()
 
 
@@ -95,7 +95,7 @@ def architectures() -> str:
     md = (RESULTS / "architectures.md").read_text().split("\n### ")[0]
     link = "[architectures.md](../scripts/results/architectures.md)"
     head = _source("python scripts/sweep_architectures.py --update-docs", link, _hw(summary))
-    return f"{head} transformers {summary['transformers']}, torch {summary['torch']}.\n\n{_without_load(md)}"
+    return f"{head} transformers {summary['transformers']}, torch {summary['torch']}.\n\n{_body(md)}"
 
 
 def suite_times() -> str:
@@ -171,14 +171,14 @@ def overhead() -> str:
     res = _json("bench_overhead.json")
     link = "[bench_overhead.md](../scripts/results/bench_overhead.md)"
     head = _source("python scripts/bench_overhead.py", link, f"fp32, {_hw(res)}")
-    return f"{head}\n\n{_without_load((RESULTS / 'bench_overhead.md').read_text())}"
+    return f"{head}\n\n{_body((RESULTS / 'bench_overhead.md').read_text())}"
 
 
 def depth_speed() -> str:
     res = _json("depth_speed.json")
     link = "[depth_speed.md](../scripts/results/depth_speed.md)"
     head = _source("python scripts/bench_depth_speed.py", link, _hw(res))
-    return f"{head}\n\n{_without_load((RESULTS / 'depth_speed.md').read_text())}"
+    return f"{head}\n\n{_body((RESULTS / 'depth_speed.md').read_text())}"
 
 
 # block name -> (page, generator)
