@@ -149,15 +149,71 @@ def quality() -> str:
     return head.replace("; )", ")") + "\n\n" + "\n".join(out)
 
 
+def _conclusion(verdict: dict) -> str:
+    """What a sweep's paired t-interval says: "LLRD better", "plain better" or "no difference detected"."""
+    if not verdict["excludes_zero"]:
+        return "no difference detected"
+    return "LLRD better" if verdict["gain"]["mean"] > 0 else "plain better"
+
+
+def _setting(setting: dict) -> str:
+    """``{"layer_decay": 0.9, "learning_rate": 0.0003}`` -> ``"decay 0.9, lr 3e-4"`` (plain: ``"lr 1e-4"``)."""
+    lr = f"{setting['learning_rate']:.0e}".replace("e-0", "e-")
+    if float(lr) != setting["learning_rate"]:
+        lr = f"{setting['learning_rate']:g}"
+    decay = setting.get("layer_decay", 1.0)
+    rest = [f"{k} {v}" for k, v in setting.items() if k not in ("layer_decay", "learning_rate")]
+    return ", ".join(([] if decay == 1.0 else [f"decay {decay:g}"]) + [f"lr {lr}"] + rest)
+
+
+def quality_summary() -> str:
+    """One row per benchmark sweep: the chosen settings, validation and test means, the paired gain, the verdict."""
+    rows, hardware, confidence = [], set(), set()
+    for key, label in DATASETS.items():
+        rec = _json(f"sweep_{key}/results.json")
+        v, g = rec["verdict"], rec["verdict"]["gain"]
+        hardware.add(_hw(rec["environment"]))
+        tuned = {s["label"]: s for s in rec["summary"]}
+        test = {s["arm"]: s for s in rec["test"]}
+        plain, llrd = tuned[v["plain"]], tuned[v["llrd"]]
+        gain = f"{g['mean']:+.4f} [{g['low']:+.4f}, {g['high']:+.4f}]"
+        use = "plain" if v["recommended"] == "plain" else "LLRD"
+        if plain["mean"] == llrd["mean"]:
+            use += " (validation tie: the simpler arm)"
+        confidence.add(g["confidence"])
+        rows.append(
+            f"| [{label}](../scripts/results/sweep_{key}/table.md) | {rec['data']['test']['rows']:,} "
+            f"| {_setting(plain['setting'])} | {_setting(llrd['setting'])} "
+            f"| {plain['mean']:.4f} / {llrd['mean']:.4f} | {test['plain']['mean']:.4f} → {test['llrd']['mean']:.4f} "
+            f"| {f'**{gain}**' if v['excludes_zero'] else gain} | {_conclusion(v)}; the sweep recommends {use} |"
+        )
+    seeds = {_json(f"sweep_{k}/results.json")["verdict"]["gain"]["n"] for k in DATASETS}
+    head = _source(
+        "python scripts/bench_quality.py --dataset sst2 mr agnews",
+        "`scripts/results/sweep_*/results.json`",
+        "; ".join(sorted(hardware)),
+    )
+    n = "/".join(str(x) for x in sorted(seeds))
+    return "\n".join(
+        [
+            head,
+            "",
+            f"| data | test rows | chosen plain | chosen LLRD | validation accuracy plain / LLRD (mean of {n} seeds) "
+            f"| test accuracy plain → LLRD (mean of {n} seeds) | paired test gain, "
+            f"{'/'.join(f'{c:.0%}' for c in sorted(confidence))} t-interval "
+            "| verdict |",
+            "|---|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
+
+
 def expect() -> str:
     """One line per benchmark sweep for the README: the verdict's conclusion and a link."""
     lines = []
     for key, label in DATASETS.items():
         v = _json(f"sweep_{key}/results.json")["verdict"]
-        g = v["gain"]
-        what = "no difference detected"
-        if v["excludes_zero"]:
-            what = "LLRD better" if g["mean"] > 0 else "plain better"
+        g, what = v["gain"], _conclusion(v)
         use = "plain" if v["recommended"] == "plain" else f"LLRD ({v['llrd']})"
         lines.append(
             f"- **{label}**: {what}; paired test-accuracy gain {g['mean']:+.4f}, {g['confidence']:.0%} t-interval "
@@ -187,6 +243,7 @@ BLOCKS: dict[str, tuple[Path, Callable[[], str]]] = {
     "sweep_architectures": (DOCS / "architectures.md", architectures),
     "suite_times": (DOCS / "benchmarks.md", suite_times),
     "main_job": (DOCS / "benchmarks.md", main_job),
+    "quality_summary": (DOCS / "benchmarks.md", quality_summary),
     "quality": (DOCS / "benchmarks.md", quality),
     "overhead": (DOCS / "benchmarks.md", overhead),
     "depth_speed": (DOCS / "benchmarks.md", depth_speed),

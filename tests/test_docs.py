@@ -121,12 +121,16 @@ def test_the_generated_blocks_show_the_results_they_name():
     assert engines.count("\n| ") == len(report["runs"]) + 1  # one row per run, after the header
     quality = docs_blocks.read_block(docs_blocks.DOCS / "benchmarks.md", "quality")
     expect = docs_blocks.read_block(ROOT / "README.md", "expect")
+    summary = docs_blocks.read_block(docs_blocks.DOCS / "benchmarks.md", "quality_summary")
     for key in docs_blocks.DATASETS:
         out = docs_blocks.RESULTS / f"sweep_{key}"
         line = json.loads((out / "results.json").read_text())["verdict"]["line"]
         assert line in (out / "table.md").read_text() and f"```\n{line}\n```" in quality
         assert f"(../scripts/results/sweep_{key}/sweep.png)" in quality and (out / "sweep.png").stat().st_size > 10_000
         assert f"(scripts/results/sweep_{key}/table.md)" in expect
+        rows = [r for r in summary.splitlines() if f"(../scripts/results/sweep_{key}/table.md)" in r]
+        gain = json.loads((out / "results.json").read_text())["verdict"]["gain"]
+        assert len(rows) == 1 and f"{gain['mean']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]" in rows[0]
     summary = json.loads((docs_blocks.RESULTS / "architectures.json").read_text())["summary"]
     arch = docs_blocks.read_block(docs_blocks.DOCS / "architectures.md", "sweep_architectures")
     assert f"{summary['types']} model types" in arch and f"| FAIL | {summary['counts'].get('FAIL', 0)} |" in arch
