@@ -210,7 +210,7 @@ def quality_summary() -> str:
 
 def expect() -> str:
     """One line per benchmark sweep for the README: the verdict's conclusion and a link."""
-    lines = []
+    lines, decays = [], []
     for key, label in DATASETS.items():
         v = _json(f"sweep_{key}/results.json")["verdict"]
         g, what = v["gain"], _conclusion(v)
@@ -220,7 +220,8 @@ def expect() -> str:
             f"[{g['low']:+.4f}, {g['high']:+.4f}] over {g['n']} seeds; the sweep recommends {use} "
             f"([table](scripts/results/sweep_{key}/table.md))."
         )
-    return "\n".join(lines)
+        decays.append(f"{v['llrd']} on {label}")
+    return "\n".join(lines) + "\n\nThe best LLRD setting depended on the data: " + "; ".join(decays) + "."
 
 
 def overhead() -> str:

@@ -20,7 +20,7 @@ FENCE = re.compile(r"^(```|~~~)")
 LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 MACHINE_TALK = re.compile(
     r"load average|load_average|idle machine|\blent\b|other jobs|this machine|this session|happened to be|"
-    r"not drawn|was available",
+    r"not drawn|was available|were available|\bidle\b|contended|contention|\bbusy\b|shared with other|machine's load",
     re.IGNORECASE,
 )
 
