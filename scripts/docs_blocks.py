@@ -102,7 +102,8 @@ def architectures() -> str:
 def suite_times() -> str:
     rec = _json("suite_times.json")
     link = "[suite_times.json](../scripts/results/suite_times.json)"
-    head = _source("bash .ci/run (LLRD_SUITE_TIMES, written by tests/conftest.py)", link, _hw(rec))
+    head = _source("bash .ci/run", link, _hw(rec)).removesuffix(")._")
+    head += "; `.ci/run` sets `LLRD_SUITE_TIMES`, and `tests/conftest.py` writes the file)._"
     total = rec["fast"]["tests"] + rec["slow"]["tests"]
     install = f", after a {rec['ci_install_seconds']} s install" if rec.get("ci_install_seconds") else ""
     rows = [
