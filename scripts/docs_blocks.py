@@ -4,9 +4,9 @@
     python scripts/docs_blocks.py --check    # exit 1 if a block differs from what its results file gives
 
 A block sits between ``<!-- NAME: start -->`` and ``<!-- NAME: end -->`` in one page; its first line names the
-command that measured it, the results file and the hardware class (never the machine's load). The benchmark
-scripts call :func:`update` for their own block; ``tests/test_docs.py`` checks every block against
-:func:`generate`.
+command that measured it, the results file and the hardware class (never the machine's load); the blocks in
+:data:`UNTIMED` hold no measurement (``inspect_minilm`` runs ``llrd inspect`` itself). The benchmark scripts
+call :func:`update` for their own block; ``tests/test_docs.py`` checks every block against :func:`generate`.
 
 Example:
     >>> hardware_class(2, "x86_64")
