@@ -79,6 +79,15 @@ class Internal:
         return self.token or self.path.rsplit(".", 1)[-1]
 
 
+def _source(function: Any) -> str:
+    import inspect
+
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):
+        return ""
+
+
 def _skips_initialized(normal_: Any) -> bool:
     """transformers' init functions leave tensors marked ``_is_hf_initialized`` alone (controls.py unmarks them)."""
     import torch
@@ -95,10 +104,15 @@ INTERNALS: tuple[Internal, ...] = (
              "frozen depths leave the clip norm (gradual unfreezing)"),
     Internal("transformers", "transformers.Trainer._get_grad_norm", "llrd/trainer.py",
              "the logged norm leaves frozen depths out without clipping"),
-    Internal("transformers", "transformers.Trainer._load_optimizer_and_scheduler", "llrd/trainer.py",
-             "the param-group layout is checked before optimizer state is loaded"),
-    Internal("transformers", "transformers.Trainer._hp_search_setup", "llrd/trainer.py",
-             "LLRD settings of a hyperparameter-search trial"),
+    # transformers: undocumented methods, attributes and behaviours the adapter relies on
+    Internal("transformers", "transformers.Trainer.call_model_init", "llrd/trainer.py",
+             "a trial's LLRD settings and the model changes, right after model_init"),
+    Internal("transformers", "transformers.Trainer.train", "llrd/trainer.py",
+             "Trainer.train sets is_in_train, which tells call_model_init in train from the one at construction",
+             probe=lambda train: "self.is_in_train = True" in _source(train), token="is_in_train"),
+    Internal("transformers", "transformers.Trainer.create_optimizer", "llrd/trainer.py",
+             "optimizer_kwargs['params'] replaces Trainer's own groups (LLRD's groups go through Trainer's path)",
+             probe=lambda create: 'optimizer_kwargs.pop("params")' in _source(create), token="params"),
     # transformers: other private or undocumented names
     Internal("transformers", "transformers.Trainer.get_decay_parameter_names", "llrd/groups.py",
              "called unbound (self=None) for Trainer's weight-decay rule outside a trainer"),

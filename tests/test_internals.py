@@ -47,12 +47,15 @@ def test_the_list_matches_the_code(internal):
     assert re.search(rf"\b{re.escape(internal.used_name)}\b", source), internal
 
 
-def test_a_changed_behaviour_is_caught_too(monkeypatch):
-    initialization = locate("transformers.initialization")
-    monkeypatch.setattr(initialization, "normal_", lambda tensor, *a, **k: tensor.fill_(1.0))
+@pytest.mark.parametrize("internal", [i for i in INTERNALS if i.probe is not None], ids=lambda i: i.path)
+def test_each_probed_behaviour_changed_fails_in_one_line(internal, monkeypatch):
+    """A stand-in with the same name but not the behaviour: an init function that writes marked tensors too, and
+    for the source probes a function whose source lacks what they look for."""
+    parent_path, name = internal.path.rsplit(".", 1)
+    monkeypatch.setattr(locate(parent_path), name, lambda *a, **k: a[0].fill_(1.0) if a else None)
     with pytest.raises(UnsupportedVersion) as err:
-        check("transformers")
-    _one_line(err, "transformers", "transformers.initialization.normal_ as it behaved")
+        check(internal.package)
+    _one_line(err, internal.package, f"{internal.path} as it behaved")
 
 
 def test_trainer_refuses_to_start_on_a_transformers_without_an_internal(monkeypatch, tmp_path):
@@ -60,10 +63,10 @@ def test_trainer_refuses_to_start_on_a_transformers_without_an_internal(monkeypa
 
     from llrd import LLRDTrainer
 
-    monkeypatch.delattr(Trainer, "_hp_search_setup")
+    monkeypatch.delattr(Trainer, "_clip_grad_norm")
     with pytest.raises(UnsupportedVersion) as err:
         LLRDTrainer(model=tiny_models.make("bert"), args=args(str(tmp_path)), train_dataset=text_data(4))
-    _one_line(err, "transformers", "transformers.Trainer._hp_search_setup")
+    _one_line(err, "transformers", "transformers.Trainer._clip_grad_norm")
 
 
 @pytest.mark.parametrize("version", ["0.20.0", "0.19.7", "1.0.0"])
