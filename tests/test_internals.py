@@ -52,7 +52,12 @@ def test_each_probed_behaviour_changed_fails_in_one_line(internal, monkeypatch):
     """A stand-in with the same name but not the behaviour: an init function that writes marked tensors too, and
     for the source probes a function whose source lacks what they look for."""
     parent_path, name = internal.path.rsplit(".", 1)
-    monkeypatch.setattr(locate(parent_path), name, lambda *a, **k: a[0].fill_(1.0) if a else None)
+
+    def stand_in(*a, **k):
+        return a[0].fill_(1.0) if a else None
+
+    stand_in.__module__ = f"{internal.package}.stand_in"  # as if the package shipped it
+    monkeypatch.setattr(locate(parent_path), name, stand_in)
     with pytest.raises(UnsupportedVersion) as err:
         check(internal.package)
     _one_line(err, internal.package, f"{internal.path} as it behaved")
