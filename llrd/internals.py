@@ -94,6 +94,11 @@ def _source_has(function: Any, text: str) -> bool:
         return False
 
 
+def _sets(cls: Any, method: str, attribute: str) -> bool:
+    """Whether ``cls.method`` assigns ``self.attribute``."""
+    return isinstance(cls, type) and _source_has(getattr(cls, method), f"self.{attribute} =")
+
+
 def _skips_initialized(normal_: Any) -> bool:
     """transformers' init functions leave tensors marked ``_is_hf_initialized`` alone (controls.py unmarks them)."""
     import torch
@@ -116,6 +121,12 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("transformers", "transformers.Trainer.train", "llrd/trainer.py",
              "Trainer.train sets is_in_train, which tells call_model_init in train from the one at construction",
              probe=lambda train: _source_has(train, "self.is_in_train = True"), token="is_in_train"),
+    Internal("transformers", "transformers.trainer.Trainer", "llrd/trainer.py",
+             "Trainer's switch model_accepts_loss_kwargs (set in __init__), which fix_loss_scaling turns off",
+             probe=lambda cls: _sets(cls, "__init__", "model_accepts_loss_kwargs"), token="model_accepts_loss_kwargs"),
+    Internal("transformers", "transformers.training_args.TrainingArguments", "llrd/launch_check.py",
+             "args.hf_deepspeed_config (set in __post_init__), read to name a DeepSpeed config section in errors",
+             probe=lambda cls: _sets(cls, "__post_init__", "hf_deepspeed_config"), token="hf_deepspeed_config"),
     Internal("transformers", "transformers.Trainer.create_optimizer", "llrd/trainer.py",
              "optimizer_kwargs['params'] replaces Trainer's own groups (LLRD's groups go through Trainer's path)",
              probe=lambda create: _source_has(create, 'optimizer_kwargs.pop("params")'), token="params"),
