@@ -102,7 +102,8 @@ class _Worker:
         poll = max(1.0, min(float(self.spec.heartbeat), 10.0))
         waited = False
         while True:
-            fail_stale_trials(self.study)  # a dead worker's trial: failed and enqueued again (store.requeue)
+            with store.quiet_experimental():  # a dead worker's trial: failed and enqueued again (store.requeue)
+                fail_stale_trials(self.study)
             trial = store.take(self.study)
             if trial is not None:
                 self._run(trial)

@@ -68,7 +68,7 @@ def open_storage(url: str, heartbeat: int):
     kwargs = {"connect_args": {"isolation_level": None, "timeout": 120}} if sqlite else {}
     for attempt in range(5):  # two workers creating the tables of a new SQLite file at once: one retries
         try:
-            with _quiet_experimental():
+            with quiet_experimental():
                 storage = optuna.storages.RDBStorage(
                     url,
                     engine_kwargs=kwargs,
@@ -97,12 +97,13 @@ def open_storage(url: str, heartbeat: int):
 
 
 @contextlib.contextmanager
-def _quiet_experimental() -> Iterator[None]:
+def quiet_experimental() -> Iterator[None]:
     import warnings
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*heartbeat_interval.*")
         warnings.filterwarnings("ignore", category=UserWarning, module="optuna")
+        warnings.filterwarnings("ignore", message=".*is experimental.*")
         yield
 
 
