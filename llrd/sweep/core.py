@@ -340,8 +340,10 @@ def _header(spec: SweepSpec, files: dict, record: dict) -> list[str]:
         f"once at its end (no re-runs). Target for 'steps to': {target:.4f}"
         + (" (given)" if spec.target is not None else " (the best plain setting's mean final validation value)")
         + f". {len(record['trials'])} trials took {record['trial_seconds_total'] / 60:.1f} min (sum of their wall "
-        f"times; {stored['attempts']} attempts in the storage); this worker ran "
-        f"{record['wall_seconds_this_invocation'] / 60:.1f} min. Environment: {env}.",
+        f"times; {stored['attempts']} attempts in the storage); "
+        + (record["rescored"]["line"] if "rescored" in record else
+           f"this worker ran {record['wall_seconds_this_invocation'] / 60:.1f} min")  # fmt: skip
+        + f". Environment: {env}.",
     ]
 
 
