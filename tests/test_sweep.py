@@ -653,6 +653,7 @@ def test_the_installed_wheel_runs_a_sweep_from_a_temporary_folder(tmp_path):
     sweep` from a folder outside the checkout without --script: the bundled text recipe (its common.py and
     metrics from the wheel) trains the real MiniLM; llrd is imported from T, in the worker and in the trials."""
     src, wheels = tmp_path / "src", tmp_path / "wheels"
+    src.mkdir()
     shipped = ("llrd", "recipes")  # built from a copy: no stale build/ folder of the checkout gets in
     for name in ("pyproject.toml", "README.md", *shipped):
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copyfile
