@@ -64,6 +64,7 @@ def open_storage(url: str, heartbeat: int):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = driver_url(url)
     sqlite = url.startswith("sqlite")
     kwargs = {"connect_args": {"isolation_level": None, "timeout": 120}} if sqlite else {}
     for attempt in range(5):  # two workers creating the tables of a new SQLite file at once: one retries
@@ -94,6 +95,22 @@ def open_storage(url: str, heartbeat: int):
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return storage
+
+
+def driver_url(url: str) -> str:
+    """``postgresql://`` with the driver that is installed: SQLAlchemy 2.1 reads it as psycopg 3, earlier
+    versions as psycopg2 (what ``llrd[sweep-cluster]`` installs); an explicit ``postgresql+DRIVER://`` is kept.
+
+    Example:
+        >>> driver_url("sqlite:///out/sweep.db")
+        'sqlite:///out/sweep.db'
+    """
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
+        if importlib.util.find_spec("psycopg2") is not None:
+            return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    return url
 
 
 @contextlib.contextmanager
