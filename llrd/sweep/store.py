@@ -64,10 +64,10 @@ def open_storage(url: str, heartbeat: int):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = driver_url(url)
+    given, url = url, driver_url(url)
     sqlite = url.startswith("sqlite")
     kwargs = {"connect_args": {"isolation_level": None, "timeout": 120}} if sqlite else {}
-    for attempt in range(5):  # two workers creating the tables of a new SQLite file at once: one retries
+    for attempt in range(5 if sqlite else 1):  # two workers creating a new SQLite file's tables at once: one retries
         try:
             with quiet_experimental():
                 storage = optuna.storages.RDBStorage(
@@ -80,12 +80,13 @@ def open_storage(url: str, heartbeat: int):
             break
         except ImportError as err:
             raise ValueError(
-                f"--storage {redact(url)}: its database driver is not installed ({err.__cause__ or err}); for "
+                f"--storage {redact(given)}: its database driver is not installed ({err.__cause__ or err}); for "
                 "PostgreSQL: pip install 'llrd[sweep-cluster]' (psycopg2), for MySQL: pip install pymysql"
             ) from err
-        except Exception as err:  # noqa: BLE001 - a table created by the other worker meanwhile
-            if attempt == 4:
-                raise ValueError(f"--storage {redact(url)}: cannot open it ({type(err).__name__}: {err})") from err
+        except Exception as err:  # noqa: BLE001 - a table created by the other worker meanwhile; a refused login
+            if attempt == (4 if sqlite else 0):
+                cause = str(err.__cause__ or err).strip().splitlines()[0][:300]
+                raise ValueError(f"--storage {redact(given)}: cannot open it ({type(err).__name__}: {cause})") from err
             time.sleep(0.2 + random.random())
     if sqlite:
         from sqlalchemy import event
