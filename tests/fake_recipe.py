@@ -4,7 +4,7 @@ JSON config and writes what the real recipe writes (``trainer_state.json`` with 
 
 - every call appends ``<output_dir>`` to the file named by ``$FAKE_CALLS``;
 - ``learning_rate == 0.000777`` fails with ``error: boom``;
-- ``$FAKE_FAIL_ONCE`` (a file path): fail while that file exists, to test that a resumed sweep retries;
+- ``$FAKE_FAIL_ONCE`` (a file path): fail while that file exists, to test ``--retry_failed``;
 - ``$FAKE_FAIL_TEST``: every run fails when it comes to the test split (after training);
 - ``$FAKE_HANG`` (a file path): the first call that finds no such file writes its pid there and hangs (a trial
   whose worker is then killed); later calls run normally;

@@ -83,9 +83,10 @@ def check_settings(configs: list[tuple[str, dict]]) -> None:
 def _check_dependencies() -> None:
     try:
         import matplotlib  # noqa: F401
+        import optuna  # noqa: F401
         import scipy  # noqa: F401
     except ImportError as err:
-        raise ValueError(f"llrd sweep needs {err.name}: pip install 'llrd[recipes]'") from err
+        raise ValueError(f"llrd sweep needs {err.name}: pip install 'llrd[sweep]'") from err
 
 
 class _Worker:
