@@ -601,6 +601,37 @@ def test_more_than_two_arms_run_and_report_holms_correction(tmp_path):
         expand_arms({"layer_decay": [0.8]}, 1e-4, None, {"two": {"layer_decay": [0.5, 0.6]}})
 
 
+def test_the_bundled_image_recipe_runs_as_a_sweep_on_image_folders(tmp_path):
+    """``--script image_classification`` (the bundled recipe by name) on image folders, with a tiny ViT: the
+    folders reach the recipe as they are, each trial scores test_dir at its end, and the sweep gives a verdict."""
+    from test_recipes import digits_imagefolder, tiny_vit
+
+    data = digits_imagefolder(tmp_path / "digits")
+    for i, image in enumerate(sorted((data / "validation").glob("*/*.png"))):
+        if i % 2:
+            (data / "test" / image.parent.name).mkdir(parents=True, exist_ok=True)
+            image.rename(data / "test" / image.parent.name / image.name)
+    (tmp_path / "image.yaml").write_text(
+        f"model_name_or_path: {tiny_vit(tmp_path / 'vit')}\ntrain_dir: {data / 'train'}\nvalidation_dir: "
+        f"{data / 'validation'}\ntest_dir: {data / 'test'}\nmax_steps: 4\neval_strategy: steps\neval_steps: 2\n"
+        "per_device_train_batch_size: 8\nlearning_rate: 1.0e-3\nuse_cpu: true\nreport_to: none\n"
+    )
+    argv = [sys.executable, "-m", "llrd", "sweep", str(tmp_path / "image.yaml"), "--output_dir", str(tmp_path / "out"),
+            "--script", "image_classification", "--seeds", "1", "--layer_decay", "0.5"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = results(tmp_path)
+    assert Path(res["sweep"]["script"]) == ROOT / "recipes" / "image_classification.py"
+    assert res["data"]["test"]["key"] == "test_dir" and res["data"]["test"]["rows"] == 54
+    assert [t["status"] for t in res["trials"]] == ["ok"] * 2 and all("accuracy" in t["test"] for t in res["trials"])
+    cfg = json.loads(Path(res["trials"][0]["folder"], "trial_config.json").read_text())
+    assert cfg["test_dir"] == str((data / "test").resolve()) and "test_file" not in cfg
+    assert json.loads(Path(res["trials"][1]["folder"], "test_results.json").read_text())["test_accuracy"] == (
+        res["trials"][1]["test"]["accuracy"]
+    )
+
+
 def test_a_metric_the_script_does_not_log_stops_the_sweep_after_one_trial(tmp_path):
     proc = sweep(tmp_path, "--seeds", "2", "--layer_decay", "0.8", "--metric", "f1")
     assert proc.returncode == 2 and "--metric f1: no eval_f1" in proc.stderr and "eval_accuracy" in proc.stderr

@@ -240,10 +240,10 @@ def _check_script(spec: SweepSpec, script: str) -> None:
 
 
 def _check_data_settings(config: dict) -> None:
-    if not config.get("test_file"):
+    if not config.get("test_file") and not config.get("test_dir"):
         raise ValueError(
-            "the config has no test_file: llrd sweep reports the chosen settings on a test split; add test_file "
-            "to the config or pass --test_file"
+            "the config has no test_file (nor test_dir): llrd sweep reports the chosen settings on a test split; "
+            "add test_file to the config or pass --test_file (image folders: test_dir in the config)"
         )
     if config.get("max_eval_samples"):
         logger.warning(

@@ -243,7 +243,7 @@ def run_trial(
     if trial_dir.exists():  # never read stale outputs (a folder is one attempt's, so this is a leftover)
         shutil.rmtree(trial_dir)
     trial_dir.mkdir(parents=True)
-    config_path = trial_dir / "config.json"
+    config_path = trial_dir / "trial_config.json"  # not config.json: save_model writes the model config there
     atomic_write_text(config_path, json.dumps(cfg, indent=1))
     script, launcher = cmd_prefix
     cmd = command(script, config_path, launcher)
