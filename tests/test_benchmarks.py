@@ -28,7 +28,7 @@ def run_script(script: str, out: Path, timeout: int, mode: str = "--quick") -> N
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-# measured 11.5 min with the machine loaded by other jobs (3.6 min CPU); a safety net for a hung run, not a speed check
+# measured 11.5 min of wall time (3.6 min CPU) on 2 CPU cores; a safety net for a hung run, not a speed check
 TIMEOUT_QUALITY_QUICK = 1800
 QUICK_TEST_ACCURACY = 0.65
 
@@ -69,7 +69,7 @@ def test_bench_quality_quick(tmp_path):
 @pytest.mark.slow
 def test_bench_overhead_smoke(tmp_path):
     """Every section of the overhead benchmark runs (its --smoke mode: one optimizer, 6 steps, live memory only;
-    measured 14.5 min of wall time and 5.1 min of CPU time with the 2-core machine's load average at 7-9); the
+    measured 14.5 min of wall time and 5.1 min of CPU time on 2 CPU cores, x86_64); the
     default per-depth monitor holds Trainer's live memory, and the measurement is sensitive enough to see
     layer_stats="all"'s copy of the weights."""
     run_script("bench_overhead.py", tmp_path, timeout=2700, mode="--smoke")
