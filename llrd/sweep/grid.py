@@ -11,8 +11,9 @@ from enum import Enum
 from typing import Any
 
 PLAIN_DECAY = 1.0
-# LLRD settings that only change what llrd logs or checks, not how the model trains: the plain arm keeps them
-_NEUTRAL = ("layer_decay", "layer_stats", "verify_rates")
+# LLRD settings that only change what llrd logs or checks, or that act with LLRD off too (fix_loss_scaling is
+# Trainer's loss scaling, not a per-layer rate): the plain arm keeps them
+_NEUTRAL = ("layer_decay", "layer_stats", "verify_rates", "fix_loss_scaling")
 
 
 def llrd_only_fields() -> frozenset[str]:
