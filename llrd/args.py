@@ -70,12 +70,16 @@ class LLRDArguments:
         },
     )
     layer_stats: str = field(
-        default="grad_norm",
+        default="lr",
         metadata={
-            "help": "Per-depth logging on the steps Trainer logs: 'lr' (learning rates), 'grad_norm' (default: "
-            "plus gradient norms; nothing is copied), 'all' (plus the update-to-weight ratio; holds a copy of "
-            "every trainable tensor during each logged optimizer step, as much memory as the trainable "
-            "weights) or 'none'.",
+            "help": "Per-depth logs on the steps Trainer logs (to report_to and trainer_state.json; the console "
+            "keeps Trainer's line). 'lr' (default): the rates the group dicts hold, read in a step pre-hook; no "
+            "tensor, no engine internal (measured 0.12 ms per logged step). 'grad_norm': plus per-depth gradient "
+            "norms, one fused norm over the gradients (measured 2.7 ms per logged step, 1.7% of a 4-block BERT's "
+            "CPU step); under DeepSpeed ZeRO it runs inside ZeRO's step and reads its partitions. 'all': plus the "
+            "update-to-weight ratio, holding a copy of every trainable tensor during each logged step (as much "
+            "memory as the trainable weights; measured 30 ms, +20% of that step). 'none': off. Figures: "
+            "scripts/results/layer_stats_cost.json (python scripts/bench_layer_stats.py).",
             "choices": list(LAYER_STATS_CHOICES),
         },
     )

@@ -12,6 +12,12 @@ every optimizer step, whatever the engine, through a :class:`StepContext`:
 2. ``before_step``: after clipping, right before the update;
 3. ``after_step``: right after the update.
 
+When no stage needs gradients (the default per-depth output, ``layer_stats="lr"``), the driver touches no
+engine internals: it reads the rates from the group dicts in a ``register_step_pre_hook`` of the torch
+optimizer that steps (public torch API), on the steps Trainer logs, and never wraps ZeRO's ``step``. Only
+the opt-in stages (per-depth gradient norms, update ratios, adaptive rates, gradual unfreezing) get the three
+moments below, and only they read ZeRO's partitions (see :mod:`llrd.internals`).
+
 Per-depth quantities are sums of squares over the depth's tensors, reduced over ranks where the tensors are
 shards: FSDP2 ``DTensor`` shards (local shards summed, then all-reduced), ZeRO flat partitions (each
 optimizer group is one (depth, weight-decay) bucket held as one partition per rank). DDP gradients are
@@ -29,6 +35,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
+
+from .internals import check as check_internals
+from .internals import check_deepspeed, check_zero_optimizer
 
 __all__ = ["StepContext", "StepDriver", "innermost_optimizer", "engine_name", "zero_stage"]
 
@@ -90,17 +99,39 @@ def _is_sharded(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor) and any(p.is_shard() for p in tensor.placements)
 
 
-def _refuse_multi_dim_meshes(params: Iterable[torch.Tensor]) -> None:
-    """Per-depth sums are reduced over the whole world: right for a 1-D mesh only."""
+def needs_gradients(stage: Any) -> bool:
+    """Whether a stage acts on gradients or weights (else it only reads the rates of the group dicts)."""
+    return bool(getattr(stage, "needs_gradients", True))
+
+
+def needs_norms(stage: Any) -> bool:
+    """Whether a stage reduces per-depth norms over ranks (gradual unfreezing only drops gradients)."""
+    return bool(getattr(stage, "needs_norms", needs_gradients(stage) and type(stage).__name__ != "GradualUnfreezer"))
+
+
+def _refuse_multi_dim_meshes(params: Iterable[torch.Tensor], stages: Iterable[Any]) -> None:
+    """Per-depth sums are reduced over the whole world: right for a 1-D mesh only, so refuse the stages that
+    reduce norms (per-depth gradient norms and update ratios, adaptive rates) on a 2-D or larger mesh."""
     from torch.distributed.tensor import DTensor
 
+    asking = [_setting_of(s) for s in stages if needs_norms(s)]
+    if not asking:
+        return
     for param in params:
         if isinstance(param, DTensor) and param.device_mesh.ndim > 1:
             raise ValueError(
-                f"a parameter is a DTensor on a {param.device_mesh.ndim}-D device mesh (HSDP, tensor or expert "
-                "parallelism): llrd reduces per-depth norms over one data-parallel dimension only. Use FSDP2 on a "
-                "1-D mesh, DDP or DeepSpeed ZeRO, or layer_stats='lr' without adaptive rates or gradual unfreezing."
+                f"{' and '.join(asking)}: a parameter is a DTensor on a {param.device_mesh.ndim}-D device mesh (HSDP, "
+                "tensor or expert parallelism), and llrd reduces per-depth norms over one data-parallel dimension "
+                "only. Use layer_stats='lr' (the default: per-depth rates) without adaptive_lr, or FSDP2 on a 1-D "
+                "mesh, DDP or DeepSpeed ZeRO."
             )
+
+
+def _setting_of(stage: Any) -> str:
+    level = getattr(stage, "level", None)
+    if level is not None:
+        return f"layer_stats={level!r}"
+    return {"AdaptiveLayerLR": "adaptive_lr=True"}.get(type(stage).__name__, type(stage).__name__)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -131,7 +162,6 @@ class StepContext:
     def __init__(self, optimizer: Any, key_of: dict[str, str], group_key: Callable[[dict], str]):
         self.optimizer = optimizer
         self.groups: list[dict] = innermost_optimizer(optimizer).param_groups
-        _refuse_multi_dim_meshes(p for g in self.groups for p in g["params"])
         self.key_of = key_of
         self.group_key = group_key
         self.state = None
@@ -208,6 +238,7 @@ class ZeroStepContext(StepContext):
         super().__init__(optimizer, key_of, group_key)
         self.zero = _zero_optimizer(optimizer)
         self.stage = zero_stage(optimizer)
+        check_zero_optimizer(self.zero, self.stage)
         # ZeRO-Offload keeps the partitioned gradients in the fp32 partitions' .grad, not in averaged_gradients
         self.offload = bool(getattr(self.zero, "cpu_offload", False) or getattr(self.zero, "offload_optimizer", False))
         self.group_of_slot = self._slots()
@@ -328,6 +359,9 @@ class StepDriver(TrainerCallback):
     Under DeepSpeed they run inside the ZeRO optimizer's ``step``; elsewhere from Trainer's callbacks and,
     for ``before_clip``, from :meth:`llrd.LLRDMixin._clip_grad_norm`.
 
+    A stage with ``needs_gradients = False`` (the rates-only monitor) only gets ``before_step``, from a step
+    pre-hook of the torch optimizer: if every stage is such, the driver reads no engine internals at all.
+
     Example:
         >>> trainer.add_callback(StepDriver([monitor], key_of, group_key))   # doctest: +SKIP
     """
@@ -338,6 +372,8 @@ class StepDriver(TrainerCallback):
         self.ctx: StepContext | None = None
         self._clipped = False
         self._zero_step = None
+        self._rates_hook = None
+        self._armed = False
         self.args = None
 
     def _call(self, moment: str, *extra, **kwargs) -> None:
@@ -350,13 +386,22 @@ class StepDriver(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         self.args = args
         self.close()
+        if not any(needs_gradients(stage) for stage in self.stages):
+            self._rates_only(optimizer)
+            return self._start(args, state, kwargs)
+        check_internals("torch")
         if _zero_optimizer(optimizer) is not None:
+            check_deepspeed()  # the ZeRO internals below are those of the tested DeepSpeed versions
             self.ctx = ZeroStepContext(optimizer, self.key_of, self.group_key)
             self._wrap_zero_step(self.ctx.zero, state)
         elif getattr(args, "deepspeed", None) or type(optimizer).__name__ == "DeepSpeedOptimizerWrapper":
             self._without_step_access(innermost_optimizer(optimizer))
         else:
             self.ctx = StepContext(optimizer, self.key_of, self.group_key)
+        _refuse_multi_dim_meshes((p for g in self.ctx.groups for p in g["params"]), self.stages)
+        self._start(args, state, kwargs)
+
+    def _start(self, args, state, kwargs: dict) -> None:
         self.ctx.new_step(state)
         self._call("on_train_begin", args, state, train_dataloader=kwargs.get("train_dataloader"))
 
@@ -377,7 +422,21 @@ class StepDriver(TrainerCallback):
                 stage.level = "lr"
         self.ctx = StepContext(inner, self.key_of, self.group_key)  # rates only, read at Trainer's step callbacks
 
+    def _rates_only(self, optimizer: Any) -> None:
+        """No stage needs gradients: run ``before_step`` from a step pre-hook of the torch optimizer, once per
+        optimizer step (ZeRO-3 steps it once per sub-group), reading only the group dicts."""
+        inner = innermost_optimizer(optimizer)
+        self.ctx = StepContext(inner, self.key_of, self.group_key)
+        self.ctx.engine = "rates"
+        self._rates_hook = inner.register_step_pre_hook(self._rates_step)
+
+    def _rates_step(self, optimizer, args, kwargs) -> None:
+        if self._armed:
+            self._armed = False
+            self._call("before_step")
+
     def on_step_begin(self, args, state, control, **kwargs):
+        self._armed = True
         if self.ctx is not None:
             self.ctx.new_step(state)
             self._clipped = False
@@ -420,6 +479,9 @@ class StepDriver(TrainerCallback):
         self._zero_step = (zero, original)
 
     def close(self) -> None:
+        if self._rates_hook is not None:
+            self._rates_hook.remove()
+            self._rates_hook = None
         if self._zero_step is not None:
             zero, original = self._zero_step
             zero.step = original

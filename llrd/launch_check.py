@@ -1,4 +1,4 @@
-"""A check that the per-layer rates survived the launch.
+"""A check that the per-layer rates survived the launch, and that the ranks do not all train on the same data.
 
 Config guards (:mod:`llrd.guards`) refuse what they can see in a DeepSpeed or FSDP config. Other things
 collapse the rates where no guard looks: a DeepSpeed scheduler or optimizer set in code, an optimizer passed
@@ -11,6 +11,11 @@ compares them with the layout LLRD built: every group must carry LLRD's metadata
 groups must match, and ``lr / lr_scale`` must be the same for every group (the scheduler moves all rates by one
 factor). Otherwise it stops training with an error naming the most likely cause. It logs one line when the check
 passes, then removes its hook: it costs one read of the group dicts on the first steps.
+
+When training starts it also compares the ``torch.distributed`` process group with the processes the trainer
+shards data over (accelerate's ``num_processes``). Launching ``torchrun`` with ``TrainingArguments(deepspeed=...)``
+on CPU without ``use_cpu`` gives 2 ranks to ``torch.distributed`` and 1 process to accelerate: every rank iterates
+the whole dataset (twice the steps), and nothing else warns. :func:`check_data_sharding` stops such a run.
 """
 
 from __future__ import annotations
@@ -18,11 +23,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 from .engines import engine_name, innermost_optimizer, zero_stage
 
-__all__ = ["RateCheck", "RatesCollapsed"]
+__all__ = ["RateCheck", "RatesCollapsed", "SameDataOnEveryRank", "check_data_sharding"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +37,37 @@ _MAX_STEPS = 20  # give up (and say so) if no step in this many had a non-zero r
 
 class RatesCollapsed(RuntimeError):
     """The optimizer that steps does not train at the per-layer rates LLRD built."""
+
+
+class SameDataOnEveryRank(RuntimeError):
+    """The process group is larger than what the trainer shards data over: ranks would train on the same data."""
+
+
+def check_data_sharding(trainer: Any) -> None:
+    """Stop when ``torch.distributed`` has more ranks than the processes accelerate shards the data over.
+
+    Example:
+        >>> check_data_sharding(trainer)   # doctest: +SKIP
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    state = trainer.accelerator.state
+    shards = trainer.accelerator.num_processes
+    if world <= shards:
+        return
+    on_cpu = str(trainer.args.device).startswith("cpu")
+    fix = (
+        "pass use_cpu=True (--use_cpu) so that accelerate joins the process group on CPU"
+        if on_cpu and not trainer.args.use_cpu
+        else "launch with `accelerate launch` or `torchrun` and let accelerate set up the process group (no "
+        "torch.distributed.init_process_group of your own before the trainer)"
+    )
+    raise SameDataOnEveryRank(
+        f"torch.distributed has {world} processes but the trainer shards data over {shards} (accelerate "
+        f"distributed_type={state.distributed_type.value}, device {trainer.args.device}): every rank would train on "
+        f"the same batches ({world // shards}x the steps per epoch). To fix it, {fix}."
+    )
 
 
 class RateCheck(TrainerCallback):
@@ -52,6 +89,7 @@ class RateCheck(TrainerCallback):
         self.done = False
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        check_data_sharding(self.trainer)
         self.done, self._steps, self._seen = False, 0, {}
         self._remove()
         if optimizer is not None and self.trainer.llrd_args.changes_rates:  # else there are no per-layer rates

@@ -34,10 +34,11 @@ from .controls import AdaptiveLayerLR, GradualUnfreezer, freeze_below_scale, rei
 from .discovery import LayerMap, layer_ids
 from .engines import StepDriver
 from .groups import param_groups, split_by_mesh, summarize_groups
+from .internals import check as check_internals
 from .launch_check import RateCheck
 from .loss_scaling import loss_uses_num_items
 from .manifest import LAYOUT_FILE, LayoutSaver, check_layout, layout_of, read_layout
-from .monitor import LayerMonitor, depth_key
+from .monitor import LayerMonitor, depth_key, quiet_console
 from .optim import apply_rate_mapping, check_optimizer
 
 __all__ = ["LLRDMixin", "LLRDTrainer"]
@@ -67,6 +68,7 @@ class LLRDMixin:
     llrd_args: LLRDArguments
 
     def __init__(self, *args: Any, llrd_args: LLRDArguments | None = None, **kwargs: Any):
+        check_internals("transformers", "accelerate", "torch")  # one line naming the version if one is gone
         names = set(llrd_field_names())
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
         if overrides:
@@ -377,6 +379,7 @@ class LLRDMixin:
         self._llrd_driver = StepDriver(stages, key_of, group_key) if stages else None
         if self._llrd_driver is not None:
             self.add_callback(self._llrd_driver)
+            quiet_console(self.callback_handler)  # the console keeps Trainer's line; per-depth keys go to report_to
 
     def _clip_grad_norm(self, model):
         """Trainer's clipping, after the stages' ``before_clip`` (frozen depths leave the clip norm)."""

@@ -7,7 +7,7 @@
 
 1. Step time: a MiniLM-sized BERT (6 blocks, hidden 384, random weights), batch 16 x 64 tokens, the same data
    and seed, for `adamw_torch` and `adamw_torch_fused`. Trainer and LLRDTrainer (28 param groups) with each
-   per-depth monitor level that costs something different: `layer_stats="none"`, the default `"grad_norm"`
+   per-depth monitor level that costs something different: `layer_stats="none"`, `"grad_norm"` (llrd 0.1's default)
    (rates and per-depth gradient norms) and `"all"` (adds the update ratio, copying the trainable weights on
    logged steps); logging every 10 steps. They run interleaved in one process, round after round (the order
    alternates); each round's mean step time after warm-up (logged steps included, one in ten, so their extra
@@ -44,7 +44,7 @@ RESULTS = ROOT / "scripts" / "results"
 STATS = {
     "Trainer": None,
     "LLRD, layer_stats=none": "none",
-    "LLRD, layer_stats=grad_norm (default)": "grad_norm",
+    "LLRD, layer_stats=grad_norm": "grad_norm",
     "LLRD, layer_stats=all": "all",
 }
 VARIANTS = tuple(STATS)

@@ -2,7 +2,7 @@
 
     python scripts/plot_training.py runs/minilm_sst2/trainer_state.json training.png
 
-Needs a run of LLRDTrainer with layer_stats='grad_norm' (the default) or 'all'; with 'lr' only the lr panel
+Needs a run of LLRDTrainer with layer_stats='grad_norm' or 'all' (opt-in); with 'lr' (the default) only the lr panel
 has lines.
 """
 

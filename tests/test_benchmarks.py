@@ -69,25 +69,25 @@ def test_bench_quality_quick(tmp_path):
 @pytest.mark.slow
 def test_bench_overhead_smoke(tmp_path):
     """Every section of the overhead benchmark runs (its --smoke mode: one optimizer, 6 steps, live memory only;
-    measured 14.5 min of wall time and 5.1 min of CPU time on 2 CPU cores, x86_64); the
-    default per-depth monitor holds Trainer's live memory, and the measurement is sensitive enough to see
+    measured 14.5 min of wall time and 5.1 min of CPU time on 2 CPU cores, x86_64); the grad_norm monitor (llrd
+    0.1's default) holds Trainer's live memory, and the measurement is sensitive enough to see
     layer_stats="all"'s copy of the weights."""
     run_script("bench_overhead.py", tmp_path, timeout=2700, mode="--smoke")
     res = json.loads((tmp_path / "bench_overhead_smoke.json").read_text())
-    variants = ["LLRD, layer_stats=none", "LLRD, layer_stats=grad_norm (default)", "LLRD, layer_stats=all"]
+    variants = ["LLRD, layer_stats=none", "LLRD, layer_stats=grad_norm", "LLRD, layer_stats=all"]
     assert list(res["step_time"]) == ["adamw_torch_fused"]
     assert [len(res["step_time"]["adamw_torch_fused"]["ratios_per_round"][v]) for v in variants] == [1, 1, 1]
     rows = res["group_building"]["rows"]
     assert [r["tensors"] for r in rows[:5]] == sorted(r["tensors"] for r in rows[:5])
     assert rows[-1]["model"].startswith("Llama") and rows[-1]["groups"] > 80
-    # With a fixed mmap threshold the peak measures live memory: LLRD with the default monitor holds exactly
+    # With a fixed mmap threshold the peak measures live memory: LLRD with the grad_norm monitor holds exactly
     # Trainer's tensors, gradients and optimizer state (measured: the same MiB); "all" copies the trainable
     # weights on the logged step (measured +34 MiB, 22.7M fp32 parameters are 87 MiB).
     live = res["peak_memory"]["MALLOC_MMAP_THRESHOLD_=65536"]
     assert live["ratio"]["LLRD, layer_stats=none"] <= 1.01, live
-    assert live["ratio"]["LLRD, layer_stats=grad_norm (default)"] <= 1.01, live
+    assert live["ratio"]["LLRD, layer_stats=grad_norm"] <= 1.01, live
     peaks = live["peak_rss_mib"]
-    assert peaks["LLRD, layer_stats=all"] - peaks["LLRD, layer_stats=grad_norm (default)"] >= 10, live
+    assert peaks["LLRD, layer_stats=all"] - peaks["LLRD, layer_stats=grad_norm"] >= 10, live
     # llrd inspect of a 69B-parameter Llama builds it on the meta device: well under the 257 GiB of its fp32 weights
     assert "68,976,648,192 trainable parameters" in res["inspect"]["parameters"]
     assert res["inspect"]["peak_rss_mib_median"] < 2048, res["inspect"]

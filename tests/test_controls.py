@@ -216,7 +216,7 @@ def _adaptive(tmp_out, batch, accumulation, prepare=None, **kw):
     """Train a tiny BERT with adaptive rates; ``prepare(trainer)`` may return one more callback to add."""
     model = no_dropout_bert()
     tap = GradTap(model)
-    settings = dict(max_steps=2, lr_scheduler_type="linear", logging_steps=1) | kw
+    settings = dict(max_steps=2, lr_scheduler_type="linear", logging_steps=1, layer_stats="grad_norm") | kw
     a = make_args(
         tmp_out,
         layer_decay=D,

@@ -47,7 +47,10 @@ def test_optimizer_passed_through_optimizers_is_caught(tmp_out):
 
 def test_optimizer_from_llrd_create_optimizer_passes_and_gets_the_stages(tmp_out, caplog):
     model = tiny_models.make("bert")
-    a = make_args(tmp_out, max_steps=2, lr_scheduler_type="constant", adaptive_lr=True, gradual_unfreeze_every=1)
+    a = make_args(
+        tmp_out, max_steps=2, lr_scheduler_type="constant", adaptive_lr=True, gradual_unfreeze_every=1,
+        layer_stats="grad_norm",
+    )  # fmt: skip
     opt = create_optimizer(model, torch.optim.AdamW, {"lr": 1e-3}, layer_decay=0.5, per_depth=True)
     before = model.bert.embeddings.word_embeddings.weight.detach().clone()
     trainer = LLRDTrainer(model=model, args=a, train_dataset=text_data(8), optimizers=(opt, None))
@@ -140,3 +143,28 @@ def test_deepspeed_without_zero_refuses_step_time_controls(tmp_path):
     assert "ValueError: adaptive_lr needs to act between backward and the optimizer step" in proc.stderr, proc.stderr[
         -3000:
     ]
+
+
+def _same_data_job(tmp_path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    return subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", "tests/same_data_job.py", str(tmp_path), *extra],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_ranks_training_on_the_same_data_are_stopped_and_the_fix_works(tmp_path):
+    """torchrun, 2 gloo ranks, TrainingArguments(deepspeed=...) on CPU without use_cpu: accelerate counts 1 process,
+    so each rank would iterate all 16 rows (8 steps instead of 4). Stopped with one line naming use_cpu; with it,
+    the same job shards the data and takes 4 steps."""
+    proc = _same_data_job(tmp_path)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "llrd.launch_check.SameDataOnEveryRank:" in line]
+    assert lines, proc.stderr[-3000:]
+    assert "torch.distributed has 2 processes but the trainer shards data over 1" in lines[0]
+    assert "pass use_cpu=True (--use_cpu)" in lines[0] and "steps=" not in proc.stdout
+    fixed = _same_data_job(tmp_path, "--use_cpu")
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert fixed.stdout.count("steps=4") == 2 and "steps=8" not in fixed.stdout, fixed.stdout[-2000:]  # each rank
