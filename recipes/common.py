@@ -82,7 +82,15 @@ def label_config(path: str, names: list[str], model_args: ModelArguments, head: 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 # Data inputs named in a config file are relative to that file's folder; every other path (output_dir, a local
 # model_name_or_path, deepspeed, ...) is relative to the working directory, as on the command line.
-CONFIG_RELATIVE = ("train_file", "validation_file", "test_file", "train_dir", "validation_dir", "test_dir")
+CONFIG_RELATIVE = (
+    "train_file",
+    "validation_file",
+    "test_file",
+    "train_dir",
+    "validation_dir",
+    "test_dir",
+    "fashion_mnist_dir",
+)
 
 
 def parse(parser, argv: list[str] | None = None) -> tuple:
