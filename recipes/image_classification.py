@@ -15,6 +15,7 @@ import inspect
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import fashion_mnist
 import torch
@@ -68,6 +69,13 @@ class DataArguments:
     image_column_name: str = field(default="image", metadata={"help": "Column holding the images."})
     label_column_name: str = field(
         default="label", metadata={"help": "Column holding the labels: a ClassLabel, or ints/strings (classes)."}
+    )
+    class_names: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "All class names, in id order, for a label column of plain strings (CSV files): a sampled "
+            "training file may lack a class. Default: the training labels' values, sorted."
+        },
     )
     validation_split_size: int | None = field(
         default=None,
@@ -189,12 +197,14 @@ def load_splits(data: DataArguments):
 
 def load_fashion_mnist(data: DataArguments):
     """Fashion-MNIST from its IDX files, decoding only the rows this run uses (see ``split_rows``)."""
-    train, validation = split_rows(60000, data.validation_split_size, data.max_train_samples)
+    folder = data.fashion_mnist_dir
+    n_train, n_test = (len(fashion_mnist.read_idx(Path(folder) / fashion_mnist.FILES[s][1])) for s in ("train", "test"))
+    train, validation = split_rows(n_train, data.validation_split_size, data.max_train_samples)
     rows: dict = {"train": train}
     if validation is not None:
         rows["validation"] = ("train", validation[: data.max_eval_samples])
     test_limit = data.max_test_samples if data.max_test_samples is not None else data.max_eval_samples
-    rows["test"] = range(min(test_limit, 10000) if test_limit is not None else 10000)
+    rows["test"] = range(min(test_limit, n_test) if test_limit is not None else n_test)
     logger.info(
         "Fashion-MNIST from %s: %s",
         data.fashion_mnist_dir,
@@ -229,16 +239,17 @@ def select(raw, data: DataArguments):
     return raw
 
 
-def class_names(raw, label_col: str) -> tuple[list[str], dict[str, int] | None]:
+def class_names(raw, label_col: str, given: list[str] | None = None) -> tuple[list[str], dict[str, int] | None]:
     """The class names, and how to map label values to ids: a ``ClassLabel`` (image folders, most Hub datasets)
-    brings its names and ids; any other column (ints, strings) gets names from its values, as in the text
-    recipe, and a mapping from ``str(value)`` to id (``None`` for a ClassLabel, whose values are the ids)."""
+    brings its names and ids; any other column (ints, strings) gets ``given`` (``--class_names``, in that order)
+    or names from its values, as in the text recipe, and a mapping from ``str(value)`` to id (``None`` for a
+    ClassLabel, whose values are the ids)."""
     from datasets import ClassLabel
 
     feature = raw["train"].features[label_col]
     if isinstance(feature, ClassLabel):
         return list(feature.names), None
-    names = label_names(raw["train"][label_col])
+    names = list(given) if given else label_names(raw["train"][label_col])
     check_labels(raw, label_col, names)
     return names, {name: i for i, name in enumerate(names)}
 
@@ -262,13 +273,16 @@ def size_inputs(model, size: int) -> dict:
         {'interpolate_pos_encoding': True}
     """
     cfg = model.config
-    patch = _size(getattr(cfg, "patch_size", None))
-    if size < 1 or (patch and size % patch):
+    vision = getattr(cfg, "vision_config", None) or cfg  # CLIP, SigLIP ...: the vision tower's settings
+    patch = _size(getattr(vision, "patch_size", None))
+    if size < 1:
+        stop(f"--image_size={size}: pass a positive size in pixels.")
+    if patch and size % patch:
         stop(
             f"--image_size={size} is not a multiple of {cfg.model_type}'s patch size {patch}; pass a "
-            f"multiple, e.g. {max(1, round(size / (patch or 1))) * (patch or 1)}."
+            f"multiple, e.g. {max(1, size // patch) * patch} or {(size // patch + 1) * patch}."
         )
-    native = _size(getattr(cfg, "image_size", None))
+    native = _size(getattr(vision, "image_size", None))
     if size == native:
         return {}
     if "interpolate_pos_encoding" in inspect.signature(model.forward).parameters:
@@ -338,7 +352,7 @@ def main():
     for col, flag in ((image_col, "--image_column_name"), (label_col, "--label_column_name")):
         if col not in raw["train"].column_names:
             stop(f"{flag}={col!r} is not a column of the training data ({raw['train'].column_names}).")
-    names, label2id = class_names(raw, label_col)
+    names, label2id = class_names(raw, label_col, data_args.class_names)
 
     path = resolve_checkpoint(model_args.model_name_or_path)
     config = label_config(path, names, model_args, "ForImageClassification")
