@@ -351,7 +351,8 @@ def test_two_processes_through_accelerate_launch_share_the_global_batch(tmp_path
     assert json.loads((out / "config.json").read_text())["id2label"]["9"] == "Ankle boot"
 
 
-PRETRAIN_GAIN = ROOT / "scripts" / "results" / "pretrain_gain.json"
+GAIN_THRESHOLD = 0.0388  # scripts/results/pretrain_gain.json: gain_mean - 3 * gain_standard_error
+PRETRAINED_THRESHOLD = 0.518  # pretrained_mean - 3 * pretrained_standard_error
 
 
 @pytest.mark.slow
@@ -360,8 +361,9 @@ def test_pretrained_dinov2_beats_random_init(tmp_path):
     """The real DINOv2-S fine-tuned on a real Fashion-MNIST slice (320 photos at 56 px, 2 epochs, 300 test
     photos, LLRD 0.75) against the same architecture and recipe from random init (``--random_init``), seed 0.
     Measured by ``python scripts/pretrain_gain.py`` over seeds 0-2 (scripts/results/pretrain_gain.json):
-    gain GAIN_MEAN +- GAIN_SE (standard error); the threshold GAIN_THRESHOLD is 3 standard errors below that mean,
-    and at least the issue's 5 points."""
+    gains 0.19, 0.123, 0.083, mean 0.132 +- 0.031 (standard error), so 3 standard errors below the mean is 0.039;
+    the issue's 5 points is the stricter bar and is what the test asserts (seed 0, run here, gained 0.19).
+    Pretrained accuracy 0.67, 0.623, 0.557: mean 0.617 +- 0.033, 3 standard errors below: 0.518."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import pretrain_gain
 
@@ -410,3 +412,11 @@ def test_a_sweep_trial_config_on_converted_csvs_leaves_what_the_sweep_reads(tmp_
     outputs = read_outputs(out, "accuracy", "test")
     assert outputs["evals"][-1]["accuracy"] >= 0 and 0 <= outputs["test"]["accuracy"] <= 1
     assert json.loads((out / "config.json").read_text())["id2label"]["0"] == "T-shirt/top"
+
+
+def test_the_pretrain_gain_thresholds_quote_their_results_file():
+    record = json.loads((ROOT / "scripts" / "results" / "pretrain_gain.json").read_text())
+    assert record["threshold"] == GAIN_THRESHOLD
+    assert [r["seed"] for r in record["runs"]] == [0, 1, 2]
+    pre = record["pretrained_mean"] - 3 * record["pretrained_standard_error"]
+    assert PRETRAINED_THRESHOLD == pytest.approx(pre, abs=5e-4)
