@@ -409,7 +409,7 @@ def test_a_sweep_trial_config_on_converted_csvs_leaves_what_the_sweep_reads(tmp_
     (tmp_path / "config.json").write_text(json.dumps(config))
     proc = run(sys.executable, "recipes/image_classification.py", str(tmp_path / "config.json"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    outputs = read_outputs(out, "accuracy", "test")
+    outputs = read_outputs(out, "accuracy")
     assert outputs["evals"][-1]["accuracy"] >= 0 and 0 <= outputs["test"]["accuracy"] <= 1
     assert json.loads((out / "config.json").read_text())["id2label"]["0"] == "T-shirt/top"
 
