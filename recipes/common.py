@@ -82,19 +82,56 @@ def label_config(path: str, names: list[str], model_args: ModelArguments, head: 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 # Data inputs named in a config file are relative to that file's folder; every other path (output_dir, a local
 # model_name_or_path, deepspeed, ...) is relative to the working directory, as on the command line.
-CONFIG_RELATIVE = ("train_file", "validation_file", "test_file", "train_dir", "validation_dir", "test_dir")
+CONFIG_RELATIVE = (
+    "train_file",
+    "validation_file",
+    "test_file",
+    "train_dir",
+    "validation_dir",
+    "test_dir",
+    "fashion_mnist_dir",
+)
 
 
 def parse(parser, argv: list[str] | None = None) -> tuple:
-    """CLI flags, or a single YAML/JSON config file (as run_glue accepts), whose data paths are relative to it."""
+    """CLI flags, or a YAML/JSON config file (as run_glue accepts), whose data paths are relative to it, optionally
+    followed by flags that override its values (paths in those flags are relative to the working directory).
+
+    Example:
+        ``recipe.py run.yaml --per_device_train_batch_size 16`` is ``run.yaml`` with that one value changed.
+    """
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
         config = os.path.abspath(argv[0])
         if not os.path.isfile(config):
             stop(f"config file {argv[0]!r} not found (looked for {config}).")
-        read = parser.parse_json_file if config.endswith(".json") else parser.parse_yaml_file
-        return tuple(relative_to(obj, os.path.dirname(config)) for obj in read(config))
+        if len(argv) == 1:
+            read = parser.parse_json_file if config.endswith(".json") else parser.parse_yaml_file
+            return tuple(relative_to(obj, os.path.dirname(config)) for obj in read(config))
+        return _config_with_flags(parser, config, argv[1:])
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _config_with_flags(parser, config: str, flags: list[str]) -> tuple:
+    """The config file's values as the parser's defaults (its required flags then optional), then ``flags``."""
+    import yaml
+
+    with open(config, encoding="utf-8") as f:
+        values = json.load(f) if config.endswith(".json") else yaml.safe_load(f)
+    if not isinstance(values, dict):
+        stop(f"config file {config!r} is not a mapping of settings.")
+    actions = {a.dest: a for a in parser._actions}  # argparse's registry: the one way to un-require a flag
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
+        stop(f"config file {config!r} has unknown settings {unknown[:5]}.")
+    folder = os.path.dirname(config)
+    for key, value in values.items():
+        if key in CONFIG_RELATIVE and isinstance(value, str) and value:
+            value = os.path.expanduser(value)
+            value = value if os.path.isabs(value) else os.path.normpath(os.path.join(folder, value))
+        actions[key].default = value
+        actions[key].required = False
+    return parser.parse_args_into_dataclasses(args=flags)
 
 
 def relative_to(obj, folder: str):

@@ -611,6 +611,7 @@ def test_recipe_configs_start_with_their_command_and_use_existing_flags(path):
     known = {
         f.name
         for cls in (module.ModelArguments, module.DataArguments, LLRDTrainingArguments)
+        + ((module.VisionArguments,) if hasattr(module, "VisionArguments") else ())
         for f in dataclasses.fields(cls)
     }
     keys = set(yaml.safe_load(text))
