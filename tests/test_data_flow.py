@@ -52,7 +52,7 @@ def test_reasons_say_why():
     assert swin.info("swinv2.encoder.layers.0.downsample.reduction.weight").reason == (
         "used between block 1 and block 2 -> block 2"
     )
-    assert "5 blocks, as the config declares" in swin.note
+    assert "5 blocks, as its config declares" in swin.note and swin.check == "config"
 
 
 def test_old_depths_stay_reachable_for_old_checkpoints():
