@@ -31,7 +31,7 @@ from .engines import StepDriver
 from .groups import param_groups, summarize_groups
 from .launch_check import RateCheck
 from .loss_scaling import loss_uses_num_items
-from .manifest import LAYOUT_FILE, LayoutSaver, check_layout, layout_of, read_layout
+from .manifest import LayoutSaver, check_resume, layout_of, resume_layer_map, resume_layout
 from .monitor import LayerMonitor, depth_key
 from .optim import apply_rate_mapping, build_optimizer
 
@@ -76,6 +76,7 @@ class LLRDMixin:
         self._llrd_driver: StepDriver | None = None
         self._llrd_adaptive: AdaptiveLayerLR | None = None
         self._llrd_resuming = False
+        self._llrd_resume_layout: list[dict[str, Any]] | None = None  # the checkpoint's groups, when resuming
         self._llrd_reinitialised: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models re-initialised once
         super().__init__(*args, **kwargs)
         if isinstance(self.args, LLRDArguments):
@@ -107,7 +108,7 @@ class LLRDMixin:
                 depth_source=settings.depth_source,
             )
             self._llrd_map_cache = (module, layer_map)
-        return self._llrd_map_cache[1]
+        return resume_layer_map(self._llrd_map_cache[1], self._llrd_resume_layout)  # resume: the checkpoint's
 
     def _llrd_fix_loss_scaling(self) -> None:
         """Turn off Trainer's ``num_items_in_batch`` loss path for heads whose loss takes a plain mean."""
@@ -130,6 +131,7 @@ class LLRDMixin:
                     "best.hyperparameters there)."
                 )
         self._llrd_resuming = resume_from_checkpoint not in (None, False)
+        self._llrd_resume_layout = resume_layout(resume_from_checkpoint, self.args.output_dir)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def hyperparameter_search(self, *args: Any, **kwargs: Any):
@@ -300,12 +302,7 @@ class LLRDMixin:
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """Before Trainer loads optimizer/scheduler state, check the checkpoint's group layout is ours."""
-        if checkpoint is not None and self.optimizer is not None and self.llrd_layout is not None:
-            saved = read_layout(checkpoint)
-            if saved is None:
-                logger.warning("%s has no %s: cannot verify that its param groups match.", checkpoint, LAYOUT_FILE)
-            else:
-                check_layout(saved, self.llrd_layout, checkpoint)
+        check_resume(checkpoint if self.optimizer is not None else None, self.llrd_layout)
         super()._load_optimizer_and_scheduler(checkpoint)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
