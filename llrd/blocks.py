@@ -3,15 +3,20 @@
 Two finders, both returning ``{stack key: [block, ...]}`` where a block is a tuple of module paths (one
 module, or the i-th elements of parallel lists such as XLM's ``attentions`` / ``ffns``):
 
-* :func:`structural_blocks` (llrd 0.1, ``depth_source="structure"`` and the fallback): the innermost
+* :func:`structural_blocks` (no trace: ``depth_source="structure"`` and the fallback): the innermost
   ``GradientCheckpointingLayer`` instances, else the children of the innermost list of same-class modules;
   blocks under one outermost list form one stack.
 * :func:`traced_blocks`: every candidate list of the module tree (lists of transformers layers or of
-  same-class modules; sibling lists of equal length that the forward pass visits index by index form one
-  list), arranged in nesting levels (Swin stages, then the blocks inside them). It picks, for each outermost
-  list, the level (or none) such that the block count equals the config's (``num_hidden_layers``,
-  ``depths``, encoder + decoder layers, the sum over sub-configs), preferring transformers' own layer
-  marking and then the most parameters. Blocks are ordered as the forward pass runs them.
+  same-class modules; a list of lists, as Funnel groups its layers by index; sibling lists of equal length that
+  the forward pass visits index by index form one list, each such group under its own key), arranged in
+  nesting levels (Swin stages, then the blocks inside them). Each list belongs to its innermost config tower
+  (:func:`config_towers`: the model, or a module holding another config: a vision/text/audio tower, a
+  backbone, a DETR decoder). Per tower, it picks for each outermost list the level (or none) such that the
+  block count equals one the tower's config declares (``num_hidden_layers``, ``depths``, encoder + decoder
+  layers; for the model itself, without the sub-configs that towers of their own build), preferring
+  transformers' own layer marking and then the most parameters. A coincidental sum never joins towers: a
+  tower that matches no count keeps its innermost layers, and lists of the model's own that match nothing
+  are no stack once some tower matched. Blocks are ordered as the forward pass runs them.
 """
 
 from __future__ import annotations

@@ -10,9 +10,13 @@ classification, causal or seq2seq LM, masked LM; else the base model). Then:
 1. `layer_ids` and `param_groups` must not raise (a model with no repeated blocks may raise llrd's own
    "no transformer blocks found" error, and is listed);
 2. every trainable parameter is in exactly one group;
-3. the block count equals the config's, or the model is an explained exception (:data:`EXCEPTIONS`, or the
-   trace shows blocks run several times: shared weights, loops), or the config has no layer count;
-4. depths never run against the traced order: within a stack, a parameter used earlier is never deeper;
+3. the block count equals the config's, tower by tower, or the model is an explained exception
+   (:data:`EXCEPTIONS`, or the trace shows blocks run several times: shared weights, loops), or the config
+   has no layer count;
+4. placement: every tower the configs declare and the class builds (a module holding a sub-config with a
+   layer count and a list of modules) is a stack of its own; within a stack, a parameter used earlier is
+   never deeper (stem before block 0, downsampling with the block it feeds, head after the last block;
+   blocks that run twice are placed by their first run);
 5. the input embeddings are at depth 0 and the parameters used last are at the head.
 
 A model whose forward pass cannot be traced on meta gets the structural fallback (checked for 1-2 only)
@@ -129,17 +133,17 @@ def check(model, model_type: str) -> dict[str, Any]:
         rec["why"] = lm.note.removeprefix("module tree (fallback: ").removesuffix(")")
         return rec | ({"status": "FAIL", "why": "; ".join(problems)} if problems else {})
     how = lm.note.split("; ", 1)[1]  # after the description of the trace
-    repeated = "more than once per forward pass" in how
-    problems += _embedding_problems(model, lm)
-    if not repeated:  # blocks that run several times (loops over frames or passes): no single order to check
-        problems += _order_problems(lm) + _last_use_problems(lm)
+    check, _, repeated = lm.check.partition("+")
+    problems += _embedding_problems(model, lm) + _tower_problems(model, lm)
+    # blocks that run several times are placed by their first run, which the first-use ticks record
+    problems += _order_problems(lm) + ([] if repeated else _last_use_problems(lm))
     if model_type in EXCEPTIONS:
         rec["status"], rec["why"] = "exception", EXCEPTIONS[model_type]
-    elif repeated or "shared weights" in how:
+    elif repeated or check == "shared weights":
         rec["status"], rec["why"] = "exception", how
-    elif "as the config declares" in how:
+    elif check == "config":
         rec["status"] = "pass"
-    elif "declares no layer count" in how:
+    elif check == "no count":
         rec["status"], rec["why"] = "unchecked", how
     else:
         problems.append(how)
@@ -152,7 +156,8 @@ def _order_problems(lm) -> list[str]:
     """Within each stack, sorted by first use, depths never decrease (shared tables excepted)."""
     by_stack: dict[str, list[tuple[int, int, str]]] = {}
     for name, info in lm.params.items():
-        if name in lm.ticks and "shared" not in info.reason:
+        # shared tables (stem, used in block 0), outputs taken to another stack between blocks (head)
+        if name in lm.ticks and "shared" not in info.reason and "takes its output there" not in info.reason:
             by_stack.setdefault(info.stack, []).append((lm.ticks[name], info.depth, name))
     for stack, items in by_stack.items():
         items.sort()
@@ -160,6 +165,24 @@ def _order_problems(lm) -> list[str]:
             if d2 < d1:
                 return [f"{n2} (depth {d2}) is used after {n1} (depth {d1}) in stack {stack}"]
     return []
+
+
+def _tower_problems(model, lm) -> list[str]:
+    """Every tower the configs declare and the class builds (a module holding a sub-config with a layer count,
+    with a list of repeated modules inside) is its own stack: some stack's blocks lie inside it."""
+    from torch import nn
+
+    from llrd.blocks import config_towers, expected_layers
+
+    modules = dict(model.named_modules())
+    problems = []
+    for path, config in config_towers(modules, model.config).items():
+        lists = [p for p, m in modules.items() if p.startswith(path + ".") and isinstance(m, nn.ModuleList) and len(m)]
+        if not path or not expected_layers(config) or not lists:
+            continue
+        if not any(b.startswith(path + ".") for s in lm.stacks.values() for b in s.blocks):
+            problems.append(f"tower {path} ({type(config).__name__}) is built but is no stack")
+    return problems
 
 
 def _embedding_problems(model, lm) -> list[str]:
