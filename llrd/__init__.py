@@ -11,7 +11,7 @@ from .naming import normalize_name
 from .optim import create_optimizer
 from .trainer import LLRDMixin, LLRDTrainer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "LLRDArguments",
     "LLRDMixin",

@@ -142,9 +142,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from docs_blocks import hardware_class
+
     res = {
         "quick": args.quick,
         "cpus": os.cpu_count(),
+        "hardware": hardware_class(),
         "load_start": round(os.getloadavg()[0], 2),
         "speed": speed(2 if args.quick else 5),
         "no_real_forward": no_real_forward(),

@@ -1,6 +1,6 @@
 """What does LLRD cost? Step time and memory of LLRDTrainer vs plain Trainer, group building, and `llrd inspect`.
 
-    python scripts/bench_overhead.py            # about 20 min on 2 idle CPU cores (Linux: reads /proc)
+    python scripts/bench_overhead.py            # about 20 min on 2 CPU cores (Linux: reads /proc)
     python scripts/bench_overhead.py --quick    # about 5 min
     python scripts/bench_overhead.py --smoke    # the slow test's run (one optimizer, 6 steps): no evidence
 
@@ -324,9 +324,12 @@ def main() -> None:
     ns.out.mkdir(parents=True, exist_ok=True)
     name = "quick" if ns.quick else "smoke" if ns.smoke else "full"
     optims, rounds, steps, repeats, allocators, inspect_repeats = MODES[name]
+    from docs_blocks import hardware_class
+
     with tempfile.TemporaryDirectory() as scratch:  # Trainer's output_dir; nothing is saved there
         res = {
             "mode": name,
+            "hardware": hardware_class(),
             "load_average_1_5_15_before": [round(x, 2) for x in os.getloadavg()],
             "step_time": step_times(optims, rounds, steps, min(5, steps // 3), scratch),
             "group_building": group_building(),

@@ -1,13 +1,13 @@
 """How closely DeepSpeed ZeRO-1/2/3 and FSDP2 reproduce a DDP run of the text recipe, on 2 CPU ranks (gloo).
 
-    python scripts/engine_agreement.py --update-readme [--out scripts/results]
+    python scripts/engine_agreement.py --update-docs [--out scripts/results]
 
 Runs the text recipe 4 steps on a tiny BERT (2 blocks, the MiniLM tokenizer, 64 made-up sentences) under each
 engine (``PLAN``): with the default settings (layer_decay 0.5); with every control on (update ratios, adaptive
 rates, gradual unfreezing, clipping at 0.1, weight decay); with the model changes made when training starts
 (re-initialising the top block, freezing depths below scale 0.2; FSDP2 refuses the re-init); and under
 ZeRO-2/3 with ``offload_optimizer`` (every control but unfreezing, which offload refuses).
-Writes ``OUT/engine_agreement.json`` (and the README table, ``.md``): per engine and setting the largest weight
+Writes ``OUT/engine_agreement.json`` (and the docs table, ``.md``): per engine and setting the largest weight
 difference to DDP, the largest relative difference of a per-depth statistic, whether the per-group rates are
 identical, and the wall time.
 ``tests/test_engines.py`` runs the same functions.
@@ -208,18 +208,17 @@ def compare(reference: Path, other: Path) -> dict:
 
 
 OFFLOAD = " + offload"
-README_START, README_END = "<!-- engine_agreement: start -->", "<!-- engine_agreement: end -->"
 
 
-def update_readme(md: str, readme: Path = ROOT / "README.md") -> None:
-    """Replace the README's generated table (between the two markers) with this one."""
-    head, rest = readme.read_text().split(README_START)
-    tail = rest.split(README_END)[1]
-    readme.write_text(f"{head}{README_START}\n{md}{README_END}{tail}")
+def update_docs() -> None:
+    """Rewrite docs/engines.md's generated table from OUT/engine_agreement.json (scripts/docs_blocks.py)."""
+    from docs_blocks import update
+
+    update("engine_agreement")
 
 
 def markdown(report: dict) -> str:
-    """The README table of a report."""
+    """The docs table of a report (docs/engines.md)."""
     rows = [
         "| setting | engine | per-group rates and log keys as DDP | largest weight difference to DDP "
         "| largest relative difference of a per-depth statistic | wall time (2 ranks) |",
@@ -244,7 +243,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "scripts" / "results"))
     p.add_argument("--workdir", default=None, help="keep the runs here (default: a temporary folder)")
     p.add_argument("--table", action="store_true", help="only rewrite the .md table from OUT/engine_agreement.json")
-    p.add_argument("--update-readme", action="store_true", help="write the table into README.md too")
+    p.add_argument("--update-docs", action="store_true", help="write the table into docs/engines.md too")
     ns = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import tempfile
@@ -252,16 +251,18 @@ def main() -> None:
     from llrd.files import atomic_write_text
 
     out_dir = Path(ns.out)
-    if ns.table:  # rewrite the table (and the README's copy) from the recorded runs, running nothing
+    if ns.table:  # rewrite the table (and the docs' copy) from the recorded runs, running nothing
         report = json.loads((out_dir / "engine_agreement.json").read_text())
         atomic_write_text(out_dir / "engine_agreement.md", markdown(report))
-        if ns.update_readme:
-            update_readme(markdown(report))
+        if ns.update_docs:
+            update_docs()
         return
+
+    from docs_blocks import hardware_class
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = make_workdir(Path(ns.workdir or tmp))
-        report: dict = {"command": "python scripts/engine_agreement.py", "runs": {}}
+        report: dict = {"command": "python scripts/engine_agreement.py", "hardware": hardware_class(), "runs": {}}
         for setting, engines in PLAN.items():
             ddp, seconds = launch(workdir, "ddp", setting)
             report["runs"][f"{setting}/ddp"] = {"wall_s": round(seconds, 1)}
@@ -273,8 +274,8 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "engine_agreement.json", json.dumps(report, indent=1))
     atomic_write_text(out_dir / "engine_agreement.md", markdown(report))
-    if ns.update_readme:
-        update_readme(markdown(report))
+    if ns.update_docs:
+        update_docs()
 
 
 if __name__ == "__main__":

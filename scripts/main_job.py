@@ -1,8 +1,8 @@
-"""Run the README's main job and record its numbers: metrics, wall time and the machine's load.
+"""Run the main job (README, first commands) and record its numbers: metrics, wall time and the machine's load.
 
-    python scripts/main_job.py     # 52 min with the 2-core machine shared (load 5); see the time in its output
+    python scripts/main_job.py     # about 6 min on 2 CPU cores
 
-It runs exactly the README's command, ``python recipes/text_classification.py recipes/configs/minilm_sst2.yaml``,
+It runs exactly the README's main job, ``python recipes/text_classification.py recipes/configs/minilm_sst2.yaml``,
 from the repository root (so the model and metrics land in ``runs/minilm_sst2``, as for a user), and writes
 ``scripts/results/main_job.json``: the command, wall time, test and validation metrics, training loss and
 steps, and the load average before and after (other jobs on the machine slow it down; the load says how much).
@@ -55,6 +55,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS, help="where main_job.json goes (default scripts/results)")
     ns = p.parse_args()
     import yaml
+    from docs_blocks import hardware_class
 
     from llrd.files import atomic_write_text
 
@@ -80,6 +81,7 @@ def main() -> None:
         "done_line": done[-1] if done else None,
         "machine": {
             "cpus": os.cpu_count(),
+            "hardware": hardware_class(),
             "load_average_1_5_15_before": [round(x, 2) for x in load_before],
             "load_average_1_5_15_after": [round(x, 2) for x in load_after],
             "python": platform.python_version(),

@@ -20,8 +20,8 @@ classification, causal or seq2seq LM, masked LM; else the base model). Then:
 5. the input embeddings are at depth 0 and the parameters used last are at the head.
 
 A model whose forward pass cannot be traced on meta gets the structural fallback (checked for 1-2 only)
-and is listed with the reason. Results: scripts/results/architectures.{json,md}; with --update-readme the
-summary also replaces the generated block of the README's "Supported architectures" section. Exit code 1 if
+and is listed with the reason. Results: scripts/results/architectures.{json,md}; with --update-docs the
+summary also replaces the generated block of docs/architectures.md. Exit code 1 if
 any type fails.
 """
 
@@ -270,8 +270,7 @@ def markdown(summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
     lines = [
         f"Command: `python scripts/sweep_architectures.py` — transformers {summary['transformers']}, torch "
         f"{summary['torch']}: {summary['cpu_seconds']:.0f} s of CPU time, {summary['seconds']:.0f} s wall time "
-        f"on {summary['cpus']} CPU cores shared with other jobs (load average {summary['load_average_at_start']} "
-        f"at the start), {summary['per_type_ms_median']:.0f} ms wall per type (median).",
+        f"on {summary['hardware']}, {summary['per_type_ms_median']:.0f} ms wall per type (median).",
         "",
         f"{summary['types']} model types with a model class; {summary['buildable']} build from their default "
         f"config; llrd gives data-flow depths to {sum(counts.get(k, 0) for k in STATUS_ORDER[:3])} of them.",
@@ -290,20 +289,11 @@ def markdown(summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-README_START, README_END = "<!-- sweep_architectures: start -->", "<!-- sweep_architectures: end -->"
+def update_docs() -> None:
+    """Rewrite docs/architectures.md's generated summary from the results files (scripts/docs_blocks.py)."""
+    from docs_blocks import update
 
-
-def readme_summary(md: str) -> str:
-    """The part of architectures.md that the README shows: the counts, without the timing line."""
-    return md.split("\n### ")[0].split("\n", 1)[1].strip()
-
-
-def update_readme(md: str, readme: Path = ROOT / "README.md") -> None:
-    """Replace the README's generated block (between the two markers) with this run's summary."""
-    text = readme.read_text()
-    head, rest = text.split(README_START)
-    tail = rest.split(README_END)[1]
-    readme.write_text(f"{head}{README_START}\n{readme_summary(md)}\n{README_END}{tail}")
+    update("sweep_architectures")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="model types to run (default: all)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for architectures.{json,md}")
     parser.add_argument("--progress", action="store_true", help="one line per model type on stderr")
-    parser.add_argument("--update-readme", action="store_true", help="write the summary into README.md too")
+    parser.add_argument("--update-docs", action="store_true", help="write the summary into docs/architectures.md too")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -321,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     types = args.only or model_types()
-    load = round(os.getloadavg()[0], 1)
+    from docs_blocks import hardware_class
+
     start = time.perf_counter()
     cpu = time.process_time()
     records = sweep(types, args.progress)
@@ -333,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "seconds": round(seconds, 1),
         "cpu_seconds": round(cpu, 1),
-        "load_average_at_start": load,
+        "hardware": hardware_class(),
         "per_type_ms_median": 1000 * times[len(times) // 2] if times else 0,
         "types": len(records),
         "buildable": sum(r["status"] != "not buildable" for r in records),
@@ -343,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps({"summary": summary, "types": records}, indent=1) + "\n")
     (args.out / f"{name}.md").write_text(markdown(summary, records))
-    if args.update_readme and not args.only:
-        update_readme(markdown(summary, records))
+    if args.update_docs and not args.only:
+        update_docs()
     print(json.dumps(summary))
     for rec in records:
         if rec["status"] == "FAIL":

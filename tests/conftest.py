@@ -34,8 +34,8 @@ def shared_data() -> Path:
 
 # --- suite time per marker -------------------------------------------------------------------------------
 # With LLRD_SUITE_TIMES=path, the session writes how long the fast and the slow tests took (setup + call +
-# teardown of each test, summed per marker) and the session's wall time; .ci/run sets it, and the README's
-# test-suite times quote the file it wrote.
+# teardown of each test, summed per marker) and the session's wall time; .ci/run sets it, and docs/benchmarks.md's
+# generated suite-times block (scripts/docs_blocks.py) is built from the file it wrote.
 _SUITE: dict = {"fast": {"tests": 0, "seconds": 0.0}, "slow": {"tests": 0, "seconds": 0.0}}
 _SLOW_IDS: set[str] = set()
 
@@ -79,7 +79,7 @@ def pytest_sessionfinish(session, exitstatus):
         "slow": {"tests": _SUITE["slow"]["tests"], "seconds": round(_SUITE["slow"]["seconds"], 1)},
         "seconds_per_file": {k: round(v, 1) for k, v in sorted(_SUITE.get("files", {}).items(), key=lambda kv: -kv[1])},
         "cpus": os.cpu_count(),
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "hardware": f"{os.cpu_count()} CPU cores, {platform.machine()}",
         "python": platform.python_version(),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }

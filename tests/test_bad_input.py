@@ -1,4 +1,4 @@
-"""Every bad input of the README's table: one clear error naming the setting, the value and the fix; the
+"""Every bad input of the table in docs/resume.md: one clear error naming the setting, the value and the fix; the
 recipes exit non-zero and leave nothing that looks like a finished run."""
 
 from __future__ import annotations

@@ -207,7 +207,7 @@ def test_trace_records_first_use_of_direct_parameters():
 
 @pytest.mark.slow
 def test_bench_depth_speed_quick(tmp_path):
-    """The speed script runs; its numbers are for the README, only the no-real-forward check is asserted."""
+    """The speed script runs; its numbers are for docs/benchmarks.md, only the no-real-forward check is asserted."""
     import json
 
     from test_benchmarks import run_script

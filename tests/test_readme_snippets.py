@@ -1,4 +1,7 @@
-"""The README's "With your trainer" snippets: each must appear in the README verbatim and run as written.
+"""Every ``# snippet: NAME`` block of README.md and docs/*.md runs as written (docs/trainer.md holds today's).
+
+A snippet is a fenced ``python`` block whose first line is ``# snippet: NAME``. Each name has a test here that
+runs it; a snippet without one, a name used twice, or fewer snippets than :data:`MIN_SNIPPETS` fails.
 
 The names a snippet uses but does not define (``t5``, ``llama``, ``model``, ``train``, ...) are tiny stand-ins made
 here; the arguments classes get CPU- and test-sized defaults (``use_cpu``, two steps), nothing else changes.
@@ -19,10 +22,15 @@ from subclass_fixtures import SENTENCES, assert_depth_rates, tiny_llama, tokeniz
 from test_trainer import text_data
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
-SNIPPETS = dict(
-    (m.group(1), m.group(2)) for m in re.finditer(r"```python\n# snippet: (\w+)\n(.*?)```", README, re.DOTALL)
-)
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+MIN_SNIPPETS = 5  # the README held 5 snippets before it moved them to docs/trainer.md (issue 18)
+FOUND = [
+    (m.group(1), m.group(2), page.relative_to(ROOT).as_posix())
+    for page in PAGES
+    for m in re.finditer(r"```python\n# snippet: (\w+)\n(.*?)```", page.read_text(), re.DOTALL)
+]
+SNIPPETS = {name: code for name, code, _ in FOUND}
+WHERE = {name: page for name, _, page in FOUND}
 SMALL = dict(use_cpu=True, max_steps=2, per_device_train_batch_size=2, report_to="none", save_strategy="no")
 
 
@@ -48,16 +56,21 @@ def run(tmp_path, monkeypatch):
         monkeypatch.setattr(module, name, _small(getattr(module, name)))
 
     def execute(name: str, **names):
-        assert name in SNIPPETS, f"README has no snippet {name!r}; it has {sorted(SNIPPETS)}"
-        namespace = {"__name__": f"readme_{name}", **names}
-        exec(compile(SNIPPETS[name], f"README.md:{name}", "exec"), namespace)  # noqa: S102
+        assert name in SNIPPETS, f"README.md and docs/*.md have no snippet {name!r}; they have {sorted(SNIPPETS)}"
+        namespace = {"__name__": f"snippet_{name}", **names}
+        exec(compile(SNIPPETS[name], f"{WHERE[name]}:{name}", "exec"), namespace)  # noqa: S102
         return namespace
 
     return execute
 
 
-def test_the_readme_has_the_snippets():
-    assert {"seq2seq", "sft_lora", "sentence_transformers", "optimizers_argument", "accelerate_loop"} <= set(SNIPPETS)
+def test_every_snippet_is_collected_and_has_a_test():
+    names = [name for name, _, _ in FOUND]
+    assert len(names) >= MIN_SNIPPETS, f"only {len(names)} snippets in README.md and docs/*.md: {FOUND}"
+    assert len(set(names)) == len(names), f"a snippet name is used twice: {sorted(names)}"
+    tested = {n.removeprefix("test_") for n in globals() if n.startswith("test_")}
+    assert set(names) <= tested, f"snippets without a test here: {sorted(set(names) - tested)}"
+    assert {"seq2seq", "sft_lora", "sentence_transformers", "optimizers_argument", "accelerate_loop"} <= set(names)
 
 
 def test_seq2seq(run):

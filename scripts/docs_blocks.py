@@ -1,0 +1,228 @@
+"""The generated blocks of README.md and docs/*.md, rebuilt from the results files under scripts/results/.
+
+    python scripts/docs_blocks.py            # rewrite every generated block from the committed results
+    python scripts/docs_blocks.py --check    # exit 1 if a block differs from what its results file gives
+
+A block sits between ``<!-- NAME: start -->`` and ``<!-- NAME: end -->`` in one page; its first line names the
+command that measured it, the results file and the hardware class (never the machine's load). The benchmark
+scripts call :func:`update` for their own block; ``tests/test_docs.py`` checks every block against
+:func:`generate`.
+
+Example:
+    >>> hardware_class(2, "x86_64")
+    '2 CPU cores, x86_64'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "scripts" / "results"
+DOCS = ROOT / "docs"
+DATASETS = {"sst2": "SST-2", "mr": "MR", "agnews": "AG News"}
+logger = logging.getLogger(__name__)
+
+
+def hardware_class(cpus: int | None = None, machine: str | None = None) -> str:
+    """``"2 CPU cores, x86_64"``: what a timing ran on, by class (this machine's when no argument is given)."""
+    return f"{cpus or os.cpu_count()} CPU cores, {machine or platform.machine()}"
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}: start -->", f"<!-- {name}: end -->"
+
+
+def read_block(page: Path, name: str) -> str:
+    """The text between a block's markers (stripped)."""
+    start, end = markers(name)
+    text = page.read_text()
+    if start not in text or end not in text:
+        raise ValueError(f"{page} has no generated block {name!r} (markers {start} ... {end})")
+    return text.split(start, 1)[1].split(end, 1)[0].strip()
+
+
+def write_block(page: Path, name: str, body: str) -> None:
+    """Replace a block's text between its markers."""
+    start, end = markers(name)
+    text = page.read_text()
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    page.write_text(f"{head}{start}\n{body.strip()}\n{end}{tail}")
+
+
+def _json(path: str) -> dict:
+    return json.loads((RESULTS / path).read_text())
+
+
+def _hw(record: dict) -> str:
+    if "hardware" in record:
+        return record["hardware"]
+    cpus, machine = record.get("cpus") or record.get("cpu_count"), record.get("machine")
+    if not (cpus and machine):
+        raise ValueError(f"a results record names no hardware (no 'hardware', or 'cpus' and 'machine'): {record}")
+    return hardware_class(cpus, machine)
+
+
+def _source(command: str, files: str, hardware: str) -> str:
+    return f"_Generated from {files} (command: `{command}`; {hardware})._"
+
+
+def _without_load(md: str) -> str:
+    """A results table without its first line (the command and, in older files, the machine's load)."""
+    return md.split("\n", 1)[1].strip()
+
+
+def engine_agreement() -> str:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from engine_agreement import markdown
+
+    report = _json("engine_agreement.json")
+    link = "[engine_agreement.json](../scripts/results/engine_agreement.json)"
+    head = _source("python scripts/engine_agreement.py --update-docs", link, f"2 gloo ranks, {_hw(report)}")
+    return f"{head}\n\n{markdown(report).strip()}"
+
+
+def architectures() -> str:
+    summary = _json("architectures.json")["summary"]
+    md = (RESULTS / "architectures.md").read_text().split("\n### ")[0]
+    link = "[architectures.md](../scripts/results/architectures.md)"
+    head = _source("python scripts/sweep_architectures.py --update-docs", link, _hw(summary))
+    return f"{head} transformers {summary['transformers']}, torch {summary['torch']}.\n\n{_without_load(md)}"
+
+
+def suite_times() -> str:
+    rec = _json("suite_times.json")
+    link = "[suite_times.json](../scripts/results/suite_times.json)"
+    head = _source("bash .ci/run (LLRD_SUITE_TIMES, written by tests/conftest.py)", link, _hw(rec))
+    total = rec["fast"]["tests"] + rec["slow"]["tests"]
+    install = f", after a {rec['ci_install_seconds']} s install" if rec.get("ci_install_seconds") else ""
+    rows = [
+        f"{total} tests in {rec['wall_seconds'] / 60:.1f} min of pytest wall time{install}.",
+        "",
+        "| marker | tests | time (setup + call + teardown, summed) |",
+        "|---|---|---|",
+        f'| fast (`-m "not slow"`) | {rec["fast"]["tests"]} | {rec["fast"]["seconds"]:.0f} s |',
+        f"| slow (`-m slow`) | {rec['slow']['tests']} | {rec['slow']['seconds']:.0f} s |",
+        "",
+        "| file (the five largest) | time |",
+        "|---|---|",
+        *(f"| `{f}` | {s:.0f} s |" for f, s in list(rec["seconds_per_file"].items())[:5]),
+    ]
+    return head + "\n\n" + "\n".join(rows)
+
+
+def main_job() -> str:
+    rec = _json("main_job.json")
+    link = "[main_job.json](../scripts/results/main_job.json)"
+    head = _source("python scripts/main_job.py", link, f"fp32, {_hw(rec.get('machine', {}))}")
+    return (
+        f"{head}\n\n| steps | test accuracy | test F1 | validation accuracy | wall time |\n|---|---|---|---|---|\n"
+        f"| {rec['steps']} | {rec['test_accuracy']:.4f} | {rec['test_f1']:.4f} | {rec['validation_accuracy']:.4f} "
+        f"| {rec['wall']} |"
+    )
+
+
+def quality() -> str:
+    out = []
+    for key, label in DATASETS.items():
+        rec = _json(f"sweep_{key}/results.json")
+        out += [
+            f"**{label}** ([table](../scripts/results/sweep_{key}/table.md); {_hw(rec['environment'])}):",
+            "",
+            "```",
+            rec["verdict"]["line"],
+            "```",
+            "",
+            f"![{label}: validation accuracy over steps, one band per setting]"
+            f"(../scripts/results/sweep_{key}/sweep.png)",
+            "",
+        ]
+    head = _source("python scripts/bench_quality.py --dataset sst2 mr agnews", "`scripts/results/sweep_*/`", "")
+    return head.replace("; )", ")") + "\n\n" + "\n".join(out)
+
+
+def expect() -> str:
+    """One line per benchmark sweep for the README: the verdict's conclusion and a link."""
+    lines = []
+    for key, label in DATASETS.items():
+        v = _json(f"sweep_{key}/results.json")["verdict"]
+        g = v["gain"]
+        what = "no difference detected"
+        if v["excludes_zero"]:
+            what = "LLRD better" if g["mean"] > 0 else "plain better"
+        use = "plain" if v["recommended"] == "plain" else f"LLRD ({v['llrd']})"
+        lines.append(
+            f"- **{label}**: {what}; paired test-accuracy gain {g['mean']:+.4f}, {g['confidence']:.0%} t-interval "
+            f"[{g['low']:+.4f}, {g['high']:+.4f}] over {g['n']} seeds; the sweep recommends {use} "
+            f"([table](scripts/results/sweep_{key}/table.md))."
+        )
+    return "\n".join(lines)
+
+
+def overhead() -> str:
+    res = _json("bench_overhead.json")
+    link = "[bench_overhead.md](../scripts/results/bench_overhead.md)"
+    head = _source("python scripts/bench_overhead.py", link, f"fp32, {_hw(res)}")
+    return f"{head}\n\n{_without_load((RESULTS / 'bench_overhead.md').read_text())}"
+
+
+def depth_speed() -> str:
+    res = _json("depth_speed.json")
+    link = "[depth_speed.md](../scripts/results/depth_speed.md)"
+    head = _source("python scripts/bench_depth_speed.py", link, _hw(res))
+    return f"{head}\n\n{_without_load((RESULTS / 'depth_speed.md').read_text())}"
+
+
+# block name -> (page, generator)
+BLOCKS: dict[str, tuple[Path, Callable[[], str]]] = {
+    "engine_agreement": (DOCS / "engines.md", engine_agreement),
+    "sweep_architectures": (DOCS / "architectures.md", architectures),
+    "suite_times": (DOCS / "benchmarks.md", suite_times),
+    "main_job": (DOCS / "benchmarks.md", main_job),
+    "quality": (DOCS / "benchmarks.md", quality),
+    "overhead": (DOCS / "benchmarks.md", overhead),
+    "depth_speed": (DOCS / "benchmarks.md", depth_speed),
+    "expect": (ROOT / "README.md", expect),
+}
+
+
+def generate(name: str) -> str:
+    """What block ``name`` should hold, from the committed results files."""
+    return BLOCKS[name][1]().strip()
+
+
+def update(name: str) -> None:
+    """Rewrite block ``name`` in its page from the results files."""
+    page, _ = BLOCKS[name]
+    write_block(page, name, generate(name))
+    logger.info("updated %s in %s", name, page.relative_to(ROOT))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="exit 1 if a block differs from its results file")
+    p.add_argument("names", nargs="*", help=f"blocks (default: all of {sorted(BLOCKS)})")
+    ns = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    stale = []
+    for name in ns.names or BLOCKS:
+        if ns.check:
+            if read_block(BLOCKS[name][0], name) != generate(name):
+                stale.append(name)
+        else:
+            update(name)
+    if stale:
+        logger.error("stale generated blocks: %s; run python scripts/docs_blocks.py", ", ".join(stale))
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
