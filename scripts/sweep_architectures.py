@@ -252,12 +252,13 @@ def _first_line(err: BaseException) -> str:
 
 STATUS_ORDER = ("pass", "exception", "unchecked", "fallback", "no blocks", "not buildable", "FAIL")
 MEANING = {
-    "pass": "data-flow depths; block count = the config's; all invariants hold",
+    "pass": "data-flow depths; each tower's block count = its config's; every built tower a stack; all invariants "
+    "hold",
     "exception": "data-flow depths; block count differs from the config, or blocks run several times (shared "
     "weights, loops): explained",
     "unchecked": "data-flow depths; invariants hold, but the config declares no layer count to check the blocks "
     "against",
-    "fallback": "no forward pass could be traced on meta: structural (llrd 0.1) depths, said in a log line",
+    "fallback": "no forward pass could be traced on meta: module-tree depths, said in a log line",
     "no blocks": "no repeated blocks: llrd's own error asks for block_pattern",
     "not buildable": "transformers cannot build the class from its default config (or an optional dependency "
     "is missing): not an llrd result",

@@ -1,8 +1,9 @@
 """Every model type of the installed transformers, built on the meta device from its default config, through
-`layer_ids` + `param_groups`: no crash, every trainable parameter in one group, block counts that match the
-config (or an explained exception), depths that follow the traced order (scripts/sweep_architectures.py).
+`layer_ids` + `param_groups`: no crash, every trainable parameter in one group, block counts that match each
+tower's config (or an explained exception), every built tower a stack, depths that follow the traced order
+(scripts/sweep_architectures.py).
 
-About 150 s of CPU time for ~670 model types on transformers 5.24 (scripts/results/architectures.md).
+About 150 s of CPU time for ~670 model types (scripts/results/architectures.md).
 """
 
 from __future__ import annotations
