@@ -252,8 +252,7 @@ def _first_line(err: BaseException) -> str:
 
 STATUS_ORDER = ("pass", "exception", "unchecked", "fallback", "no blocks", "not buildable", "FAIL")
 MEANING = {
-    "pass": "data-flow depths; each tower's block count = its config's; every built tower a stack; all invariants "
-    "hold",
+    "pass": "data-flow depths; each tower's block count = its config's; every built tower a stack; all invariants hold",
     "exception": "data-flow depths; block count differs from the config, or blocks run several times (shared "
     "weights, loops): explained",
     "unchecked": "data-flow depths; invariants hold, but the config declares no layer count to check the blocks "
