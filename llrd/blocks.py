@@ -44,9 +44,7 @@ Block = tuple[str, ...]
 _LISTS = (nn.ModuleList, nn.Sequential)
 # Other fields that count layers, read only where a config has none of the usual ones; not thresholds, indices
 # or counts of layers that are not blocks (conv feature extractors, adapters, multi-token prediction).
-_OTHER_COUNT = re.compile(
-    r"(?:num_|n_)?(?!.*(?:max|window|shared|nextn|predict|feat_extract|adapter))\w*_layers|num_blocks"
-)
+_OTHER_COUNT = re.compile(r"(?:num_|n_)?(?!.*(?:max|window|shared|nextn|predict|feat_extract|adapter))\w*_layers")
 # Config fields that add a second stack's layers to the model's own count.
 _DECODER_COUNTS = ("decoder_layers", "num_decoder_layers", "decoder_num_hidden_layers", "decoder_num_layers")
 
@@ -210,10 +208,12 @@ def config_towers(modules: dict[str, nn.Module], config: Any) -> dict[str, Any]:
 
 
 def _tower_targets(config: Any, path: str, towers: dict[str, Any]) -> list[int]:
-    """Block counts a tower may have: its config's; for the model itself, without the sub-configs that
-    their own towers build."""
-    if path or len(towers) == 1:
-        return expected_layers(config)
+    """Block counts a tower may have: its config's; for a tower with towers inside (the model, a vision tower
+    around a backbone), without the sub-configs that those towers build."""
+    if not any(p != path and inside(p, path) for p in towers):  # no tower of its own inside
+        found = expected_layers(config)
+        blocks = vars(config).get("num_blocks")  # a sub-config's block count (Phi-4-multimodal's audio encoder)
+        return found or ([blocks] if path and type(blocks) is int and blocks > 0 else [])
     own, base, decoder = _own_layers(config)
     rest = [t for sub in _unbuilt(config, towers, objects=True) if (t := _total_layers(sub))]
     return list(dict.fromkeys(t for t in (own, base, decoder, *_subset_sums(rest)) if t))

@@ -63,6 +63,10 @@ EXCEPTIONS: dict[str, str] = {
     "level matches, innermost rule)",
     "levit": "the config's depths [4, 4, 4] count attention + MLP pairs; the stages' layer lists hold one residual "
     "attention and one residual MLP layer per pair, plus the subsampling layers: 28 residual layers",
+    "pp_doclayout_v3": "its backbone tower is HGNetV2 (see hgnet_v2: no level matches its depths, 48 conv layers); "
+    "the encoder's FPN, downsampling and PAN lists match the model's own 6 encoder layers",
+    "pp_doclayout_v4": "as pp_doclayout_v3: an HGNetV2 backbone (48 conv layers, innermost rule) and the encoder's "
+    "FPN, downsampling and PAN lists (the model's own 6 encoder layers)",
     "pp_ocrv5_server_rec": "the base model is its HGNetV2 backbone alone (see hgnet_v2: 48 conv layers); the config's "
     "depth (2) counts the blocks of the text-recognition head, which this class does not build",
 }
@@ -128,15 +132,17 @@ def check(model, model_type: str) -> dict[str, Any]:
     trainable = [id(p) for p in model.parameters() if p.requires_grad]
     if sorted(placed) != sorted(trainable) or len(set(placed)) != len(placed):
         problems.append("a trainable parameter is in no group or in two")
-    if lm.source != "flow":
+    towers = _tower_problems(model, lm)
+    if lm.source != "flow":  # the module-tree rule does not split towers: listed, not yet fixed
         rec["status"] = "fallback"
         rec["why"] = lm.note.removeprefix("module tree (fallback: ").removesuffix(")")
+        rec["why"] += f"; NOT STACKED: {'; '.join(towers)}" if towers else ""
         return rec | ({"status": "FAIL", "why": "; ".join(problems)} if problems else {})
     how = lm.note.split("; ", 1)[1]  # after the description of the trace
     check, _, repeated = lm.check.partition("+")
-    problems += _embedding_problems(model, lm) + _tower_problems(model, lm)
-    # blocks that run several times are placed by their first run, which the first-use ticks record
-    problems += _order_problems(lm) + ([] if repeated else _last_use_problems(lm))
+    problems += _embedding_problems(model, lm) + towers
+    if not repeated:  # blocks that run several times (loops over frames or passes): no single order to check
+        problems += _order_problems(lm) + _last_use_problems(lm)
     if model_type in EXCEPTIONS:
         rec["status"], rec["why"] = "exception", EXCEPTIONS[model_type]
     elif repeated or check == "shared weights":
@@ -177,7 +183,12 @@ def _tower_problems(model, lm) -> list[str]:
     modules = dict(model.named_modules())
     problems = []
     for path, config in config_towers(modules, model.config).items():
-        lists = [p for p, m in modules.items() if p.startswith(path + ".") and isinstance(m, nn.ModuleList) and len(m)]
+        lists = [
+            p
+            for p, m in modules.items()
+            if p.startswith(path + ".") and isinstance(m, nn.ModuleList) and len(m)
+            and all(not type(c).__module__.startswith("torch.nn") and any(True for _ in c.parameters()) for c in m)
+        ]  # fmt: skip
         if not path or not expected_layers(config) or not lists:
             continue
         if not any(b.startswith(path + ".") for s in lm.stacks.values() for b in s.blocks):
