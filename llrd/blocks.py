@@ -167,7 +167,10 @@ def traced_blocks(modules: dict[str, nn.Module], trace: Trace, config: Any, spec
     chosen: dict[str, list[Block]] = {}
     notes, unmatched = [], []
     for tower, options in by_tower.items():
-        picked = next(((t, p) for t in targets[tower] if (p := _pick(options, t)) is not None), None)
+        matches = [(t, *p) for t in targets[tower] if (p := _pick(options, t)) is not None]
+        if tower:  # a tower: the count that covers most of its lists, then transformers' layers (T5Stack's 6
+            matches = sorted(matches, key=lambda m: (-len(m[1]), -m[2][0], -m[2][1]))[:1]  # blocks, not 12 sublayers)
+        picked = matches[0][:2] if matches else None
         label = f"{tower} ({type(towers[tower]).__name__})" if tower else "the model"
         if picked is not None:
             chosen |= picked[1]
@@ -330,7 +333,8 @@ def _pick(options: dict[str, list[tuple[int, tuple[int, int], list[Block]]]], ta
         best = step
     if target not in best or not best[target][1]:
         return None
-    return {root: options[root][index][2] for root, index in best[target][1].items()}
+    score, picks = best[target]
+    return {root: options[root][index][2] for root, index in picks.items()}, score
 
 
 def _innermost_levels(levels: dict[str, list[list[_List]]]) -> dict[str, list[Block]]:
