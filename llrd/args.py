@@ -141,6 +141,17 @@ class LLRDArguments:
             "multiply each depth's scheduled rate by 1 + log(1 + 1/||g_depth||)."
         },
     )
+    fix_loss_scaling: bool = field(
+        default=False,
+        metadata={
+            "help": "Opt-in fix of Trainer's loss scaling for heads that average their own loss (most "
+            "classification heads) while their forward takes **kwargs: Trainer then stops dividing the loss by "
+            "gradient_accumulation_steps and multiplies it by the number of processes, so gradients and logged "
+            "losses come out that many times too large. True sets trainer.model_accepts_loss_kwargs=False for such "
+            "heads (Trainer's own switch). Default False: Trainer's behaviour, with one warning naming the factor. "
+            "Independent of layer-wise decay."
+        },
+    )
     verify_rates: bool = field(
         default=True,
         metadata={
@@ -210,6 +221,44 @@ class LLRDArguments:
             or self.gradual_unfreeze_every > 0
         )
 
+    @property
+    def active(self) -> bool:
+        """Whether LLRD does anything: some setting that acts on its own differs from its default.
+
+        Off (every setting at its default, or only refinements of an off setting changed), an LLRD trainer is
+        ``Trainer``: no block discovery, no callbacks, no log keys, no checkpoint files, Trainer's groups.
+        ``fix_loss_scaling`` is independent of this.
+
+        Example:
+            >>> LLRDArguments().active, LLRDArguments(layer_decay=0.8).active
+            (False, True)
+        """
+        return bool(
+            self.changes_rates
+            or self.reinit_top_blocks > 0
+            or self.layer_stats not in (_default("layer_stats"), "none")
+        )
+
+    def idle_settings(self) -> list[str]:
+        """``name=value (needs ...)`` for each changed setting that has no effect under the others.
+
+        Example:
+            >>> LLRDArguments(gradual_unfreeze_unit="epochs").idle_settings()
+            ["gradual_unfreeze_unit='epochs' (needs gradual_unfreeze_every > 0)"]
+        """
+        idle = []
+        for name, needs in _REFINES.items():
+            value = getattr(self, name)
+            if value == _default(name):
+                continue
+            if needs == "llrd" and not self.active:
+                idle.append(f"{name}={value!r} (needs layer-wise decay on, e.g. layer_decay=0.8)")
+            elif needs == "rates" and not self.changes_rates:
+                idle.append(f"{name}={value!r} (needs rates that differ per depth, e.g. layer_decay=0.8)")
+            elif needs not in ("llrd", "rates") and getattr(self, needs) == _default(needs):
+                idle.append(f"{name}={value!r} (needs {needs} > 0)")
+        return idle
+
     def group_kwargs(self, learning_rate: float, weight_decay: float) -> dict[str, Any]:
         """The ``llrd.param_groups`` keyword arguments these settings mean."""
         return dict(
@@ -231,6 +280,26 @@ class LLRDArguments:
     def with_llrd(self, **changes: Any) -> LLRDArguments:
         """A validated :class:`LLRDArguments` with these settings changed; ``self`` is not modified."""
         return LLRDArguments(**{**self.llrd_dict(), **changes})
+
+
+# Settings that refine another one and do nothing on their own -> what they need ("llrd": LLRD on; "rates":
+# per-depth rates; else the name of the setting that must be > 0).
+_REFINES = {
+    "block_pattern": "llrd",
+    "depth_overrides": "llrd",
+    "depth_source": "llrd",
+    "layer_stats": "llrd",  # 'none' alone; 'lr', 'grad_norm', 'all' turn LLRD on (per-depth logging)
+    "verify_rates": "rates",
+    "layer_decay_min_scale": "rates",
+    "freeze_below_scale": "rates",
+    "gradual_unfreeze_unit": "gradual_unfreeze_every",
+    "gradual_unfreeze_depths": "gradual_unfreeze_every",
+    "reinit_pooler": "reinit_top_blocks",
+}
+
+
+def _default(name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(LLRDArguments) if f.name == name)
 
 
 def llrd_field_names() -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from torch import nn
 from .discovery import BlockSpec, DepthOverrides, LayerMap, layer_ids
 from .scaling import Scaling, check_layer_decay
 
-__all__ = ["param_groups", "check_layer_decay", "default_decay_names", "summarize_groups"]
+__all__ = ["param_groups", "check_layer_decay", "default_decay_names", "split_by_mesh", "summarize_groups"]
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +155,39 @@ def _trainer_layout(entries, lr, weight_decay) -> list[dict[str, Any]]:
         if group["params"]:
             groups.append(group)
     return groups
+
+
+def split_by_mesh(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each group split into one group per device mesh when the parameters live on several meshes.
+
+    Fused and foreach optimizer kernels cannot span tensors of different meshes (expert parallelism, FSDP2 on
+    a 2-D mesh), so ``Trainer`` gives each mesh its own group; this is the same rule for LLRD's groups. A group
+    keeps its metadata (``lr``, ``lr_scale``, ``layer_id``, ...) and its ``param_names`` stay aligned with its
+    ``params``; plain tensors form their own part. Without DTensors on several meshes, ``groups`` is returned
+    unchanged.
+
+    Example:
+        >>> split_by_mesh(param_groups(model, lr=1e-4, layer_decay=0.8)) == param_groups(model, ...)  # doctest: +SKIP
+    """
+
+    from torch.distributed.tensor import DTensor
+
+    def mesh(tensor: Any) -> Any:
+        return tensor.device_mesh if isinstance(tensor, DTensor) else None
+
+    if len({mesh(p) for g in groups for p in g["params"]}) <= 1:
+        return groups
+    out = []
+    for group in groups:
+        parts: dict[Any, dict[str, Any]] = {}
+        names = group.get("param_names")
+        for i, param in enumerate(group["params"]):
+            part = parts.setdefault(mesh(param), {**group, "params": []} | ({"param_names": []} if names else {}))
+            part["params"].append(param)
+            if names:
+                part["param_names"].append(names[i])
+        out.extend(parts.values())
+    return out
 
 
 def summarize_groups(groups: list[dict[str, Any]]) -> str:

@@ -6,8 +6,8 @@ and the LR scheduler would restore the old per-group base rates. Each checkpoint
 ``llrd_layout.json`` (group names, stacks, parameter names, depths, scales). On resume, group membership and
 depths come from that file (:func:`resume_layer_map`), whatever rule built them (llrd 0.1's module tree, the
 data flow of 0.2 or a later one); the current settings recompute the scales, and :func:`check_resume` refuses
-any difference, saying what changed. A checkpoint without a readable file resumes with the depths of today's
-rule, and one log line says so.
+any difference, saying what changed. A checkpoint without the file, or with an unreadable one, is refused in one
+error line (the trainer's, for a checkpoint written with LLRD off).
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ from transformers import TrainerCallback
 from .discovery import LayerMap, ParamDepth, Stack
 from .files import atomic_write_text
 
-__all__ = ["LAYOUT_FILE", "layout_of", "check_layout", "LayoutSaver", "resume_layout", "resume_layer_map"]
-__all__ += ["check_resume"]
+__all__ = ["LAYOUT_FILE", "layout_of", "check_layout", "read_layout", "resume_layer_map", "LayoutSaver"]
 
 logger = logging.getLogger(__name__)
 LAYOUT_FILE = "llrd_layout.json"
@@ -78,42 +77,27 @@ def check_layout(saved: list[dict[str, Any]], current: list[dict[str, Any]], whe
         )
 
 
-def read_layout(checkpoint: str | os.PathLike, quiet: bool = False) -> list[dict[str, Any]] | None:
-    """The layout recorded in ``checkpoint``; ``None`` (and one log line saying why) if missing or unreadable."""
+def read_layout(checkpoint: str | os.PathLike) -> list[dict[str, Any]] | None:
+    """The layout recorded in ``checkpoint``; ``None`` if it has none (the trainer then says so in one error
+    line when the checkpoint holds optimizer state). An unreadable file is a one-line error.
+
+    Example:
+        >>> read_layout("/nonexistent/checkpoint-2") is None
+        True
+    """
     path = Path(checkpoint) / LAYOUT_FILE
-    warn = logger.debug if quiet else logger.warning
     if not path.is_file():
-        warn("%s has no %s: depths from today's rule, and no check that its param groups match.", checkpoint,
-                       LAYOUT_FILE)  # fmt: skip
         return None
     try:
         saved = json.loads(path.read_text())
         if not isinstance(saved, list) or not all(isinstance(g, dict) and "param_names" in g for g in saved):
             raise ValueError("not a list of groups with param_names")
     except (OSError, ValueError) as err:
-        warn("%s is unreadable (%s): depths from today's rule, and no check that its param groups match.",
-                       path, err)  # fmt: skip
-        return None
+        raise ValueError(
+            f"cannot resume from {checkpoint}: its {LAYOUT_FILE} is unreadable ({err}), so its param groups are "
+            "unknown; restore the file from a copy of the checkpoint, or start a new run from its weights."
+        ) from None
     return saved
-
-
-def resume_layout(resume_from_checkpoint: str | bool | None, output_dir: str | None) -> list[dict[str, Any]] | None:
-    """The layout of the checkpoint ``Trainer.train(resume_from_checkpoint=...)`` will load (``True``: the last
-    one in ``output_dir``), or ``None``.
-
-    Example:
-        >>> resume_layout(None, "out") is None
-        True
-    """
-    if resume_from_checkpoint in (None, False):
-        return None
-    if resume_from_checkpoint is True:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume_from_checkpoint = get_last_checkpoint(output_dir) if output_dir and os.path.isdir(output_dir) else None
-        if resume_from_checkpoint is None:
-            return None  # Trainer itself raises: no checkpoint to resume from
-    return read_layout(resume_from_checkpoint)
 
 
 def resume_layer_map(current: LayerMap, saved: list[dict[str, Any]] | None) -> LayerMap:
@@ -195,15 +179,6 @@ def _decay(scales: dict[int, float]) -> float:
     """The decay between the two shallowest depths: ``scale = decay ** (blocks + 1 - depth)``."""
     a, b = sorted(scales)[:2]
     return (scales[a] / scales[b]) ** (1 / (b - a))
-
-
-def check_resume(checkpoint: str | None, current: list[dict[str, Any]] | None) -> None:
-    """Before Trainer loads optimizer/scheduler state: the checkpoint's layout must equal the groups built now."""
-    if checkpoint is None or current is None:
-        return
-    saved = read_layout(checkpoint, quiet=True)  # train() said it once already if missing or unreadable
-    if saved is not None:
-        check_layout(saved, current, checkpoint)
 
 
 class LayoutSaver(TrainerCallback):

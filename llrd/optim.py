@@ -19,7 +19,7 @@ from torch import nn
 from .discovery import LayerMap
 from .groups import param_groups
 
-__all__ = ["create_optimizer", "build_optimizer", "apply_rate_mapping"]
+__all__ = ["create_optimizer", "build_optimizer", "check_optimizer", "apply_rate_mapping"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,11 +27,9 @@ logger = logging.getLogger(__name__)
 OWN_STRUCTURE = ("params", "model", "optimizer_dict")
 
 
-def build_optimizer(
-    optimizer_cls: type, optimizer_kwargs: Mapping[str, Any], groups: list[dict[str, Any]], lr: float
-) -> torch.optim.Optimizer:
-    """``optimizer_cls(groups, **optimizer_kwargs)`` with ``lr`` as the default rate (the head's), refusing
-    optimizers that build their own parameter structure (GaLore, APOLLO, LOMO, layer-wise variants)."""
+def check_optimizer(optimizer_cls: Any, optimizer_kwargs: Mapping[str, Any]) -> None:
+    """Refuse optimizers that build their own parameter structure (GaLore, APOLLO, LOMO, layer-wise variants,
+    optimizer factories such as Muon's): they cannot carry per-layer learning rates."""
     own = [k for k in OWN_STRUCTURE if k in optimizer_kwargs]
     from transformers.trainer_optimizer import is_optimizer_factory
 
@@ -39,8 +37,17 @@ def build_optimizer(
         raise ValueError(
             f"optimizer {getattr(optimizer_cls, '__name__', optimizer_cls)!r} builds its own parameter structure "
             f"({own or 'a factory, not an Optimizer class'}), which cannot carry per-layer learning rates. Use "
-            "adamw_torch, adamw_torch_fused, adafactor, sgd, an 8-bit AdamW, ... or layer_decay=1.0 without LLRD."
+            "adamw_torch, adamw_torch_fused, adafactor, sgd, an 8-bit AdamW, ... or turn LLRD off (every LLRD "
+            "setting at its default)."
         )
+
+
+def build_optimizer(
+    optimizer_cls: type, optimizer_kwargs: Mapping[str, Any], groups: list[dict[str, Any]], lr: float
+) -> torch.optim.Optimizer:
+    """``optimizer_cls(groups, **optimizer_kwargs)`` with ``lr`` as the default rate (the head's), refusing
+    optimizers that build their own parameter structure (:func:`check_optimizer`)."""
+    check_optimizer(optimizer_cls, optimizer_kwargs)
     # defaults["lr"] stays the head's rate: HF's min-lr schedulers divide by it
     return optimizer_cls(groups, **{**optimizer_kwargs, "lr": lr})
 

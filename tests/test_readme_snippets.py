@@ -1,4 +1,5 @@
-"""Every ``# snippet: NAME`` block of README.md and docs/*.md runs as written (docs/trainer.md holds today's).
+"""Every ``# snippet: NAME`` block of README.md and docs/*.md runs as written (the README's quickstart; docs/trainer.md
+holds the examples for other trainers and loops).
 
 A snippet is a fenced ``python`` block whose first line is ``# snippet: NAME``. Each name has a test here that
 runs it; a snippet without one, a name used twice, or fewer snippets than :data:`MIN_SNIPPETS` fails.
@@ -23,7 +24,7 @@ from test_trainer import text_data
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-MIN_SNIPPETS = 5  # the README held 5 snippets before it moved them to docs/trainer.md (issue 18)
+MIN_SNIPPETS = 6  # the README held 5 before it moved them to docs/trainer.md (issue 18), plus its quickstart
 FOUND = [
     (m.group(1), m.group(2), page.relative_to(ROOT).as_posix())
     for page in PAGES
@@ -70,7 +71,39 @@ def test_every_snippet_is_collected_and_has_a_test():
     assert len(set(names)) == len(names), f"a snippet name is used twice: {sorted(names)}"
     tested = {n.removeprefix("test_") for n in globals() if n.startswith("test_")}
     assert set(names) <= tested, f"snippets without a test here: {sorted(set(names) - tested)}"
-    assert {"seq2seq", "sft_lora", "sentence_transformers", "optimizers_argument", "accelerate_loop"} <= set(names)
+    assert {
+        "quickstart",
+        "seq2seq",
+        "sft_lora",
+        "sentence_transformers",
+        "optimizers_argument",
+        "accelerate_loop",
+    } <= set(names)
+    assert WHERE["quickstart"] == "README.md"
+
+
+def test_quickstart(run, monkeypatch):
+    import llrd
+
+    for module, name in [(llrd, "LLRDTrainingArguments"), (tf, "TrainingArguments")]:
+        monkeypatch.setattr(module, name, _small(getattr(module, name)))
+    model = tiny_models.make("bert")
+    ns = run(
+        "quickstart",
+        model=model,
+        ds=text_data(8),
+        causal_lm=tiny_llama(),
+        chat_ds=Dataset.from_dict({"text": SENTENCES * 2}),
+        tokenizer=tokenizer(),
+    )
+    assert ns["args"].layer_decay == 0.8 and ns["trainer"].llrd_args.layer_decay == 0.8
+    assert ns["sft"].state.global_step == 2 and ns["sft"].llrd_args.layer_decay == 0.85
+    assert_depth_rates(ns["sft"], 2e-4, 0.85)
+    ns["trainer"].create_optimizer()  # TrainingArguments' default rate, 5e-5, decayed by 0.8 per depth
+    assert_depth_rates(ns["trainer"], 5e-5, 0.8)
+    lrs = [g["lr"] for g in ns["opt"].param_groups]
+    assert lrs == pytest.approx([1e-4 * 0.8 ** (k // 2) for k in range(8)], rel=1e-12)
+    assert ns["layer_ids"](model).num_layers == 2
 
 
 def test_seq2seq(run):

@@ -680,8 +680,8 @@ def test_fsdp1_without_use_orig_params_is_refused(tmp_path, monkeypatch):
 def test_main_job_minilm_sst2(tmp_path):
     """The README's first command, its config cut to 2,000 of its 20,000 training sentences (63 steps of 32) and
     no validation pass; the test split stays the whole GLUE dev set (872 sentences, 50.9% positive).
-    Measured: test accuracy 0.786, in 10.7 min of wall time (4.7 min of CPU time) with the 2-core machine's load
-    average at 6; the full config's run: 0.8635 (scripts/results/main_job.json)."""
+    Measured: test accuracy 0.786, in 10.7 min of wall time (4.7 min of CPU time) on 2 CPU cores, x86_64; the full
+    config's run: 0.8635 (scripts/results/main_job.json)."""
     out = tmp_path / "run"
     config = RECIPES / "configs" / "minilm_sst2.yaml"
     cfg = yaml.safe_load(config.read_text())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -16,7 +15,7 @@ from old_checkpoint_job import model as funnel
 from safetensors.torch import load_file
 
 from llrd import layer_ids, param_groups
-from llrd.manifest import LAYOUT_FILE, check_layout, layout_of, resume_layer_map, resume_layout
+from llrd.manifest import LAYOUT_FILE, check_layout, layout_of, read_layout, resume_layer_map
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "funnel_18bea29"
@@ -50,14 +49,10 @@ def test_the_layout_decides_membership_and_the_settings_decide_the_scales():
         check_layout(saved, layout_of(other), "checkpoint-2")
 
 
-def test_a_missing_or_unreadable_layout_is_one_line(tmp_path, caplog):
+def test_a_missing_or_unreadable_layout_is_one_line(tmp_path):
     (tmp_path / "checkpoint-2").mkdir()
-    with caplog.at_level(logging.WARNING, logger="llrd.manifest"):
-        assert resume_layout(True, str(tmp_path)) is None
-    assert len(caplog.records) == 1 and f"has no {LAYOUT_FILE}" in caplog.text
-    caplog.clear()
+    assert read_layout(tmp_path / "checkpoint-2") is None  # the trainer refuses it in one line (LLRD off then)
     (tmp_path / "checkpoint-2" / LAYOUT_FILE).write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="llrd.manifest"):
-        assert resume_layout(str(tmp_path / "checkpoint-2"), None) is None
-    assert len(caplog.records) == 1 and "is unreadable" in caplog.text
-    assert resume_layout(None, str(tmp_path)) is None
+    with pytest.raises(ValueError, match=r"llrd_layout.json is unreadable .*restore the file") as err:
+        read_layout(tmp_path / "checkpoint-2")
+    assert "\n" not in str(err.value)

@@ -176,8 +176,9 @@ def _one_step(cls, out, batch, accumulation, **extra):
 
 
 def test_gradient_accumulation_matches_a_larger_batch(tmp_out):
-    loss_big, w_big = _one_step(LLRDTrainer, tmp_out, 8, 1, layer_decay=DECAY)
-    loss_acc, w_acc = _one_step(LLRDTrainer, tmp_out, 2, 4, layer_decay=DECAY)
+    # fix_loss_scaling is opt-in (issue 19): without it LLRDTrainer scales the loss as Trainer does (test_dropin.py)
+    loss_big, w_big = _one_step(LLRDTrainer, tmp_out, 8, 1, layer_decay=DECAY, fix_loss_scaling=True)
+    loss_acc, w_acc = _one_step(LLRDTrainer, tmp_out, 2, 4, layer_decay=DECAY, fix_loss_scaling=True)
     assert loss_acc == pytest.approx(loss_big, rel=1e-5)
     for name in w_big:
         torch.testing.assert_close(w_acc[name], w_big[name], rtol=1e-5, atol=1e-6, msg=name)

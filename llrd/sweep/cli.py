@@ -1,5 +1,5 @@
 """``llrd sweep CONFIG [--layer_decay 0.9 0.8 ...] [--learning_rate 1e-4 2e-4 ...] [--seeds 5] --output_dir DIR``:
-the command line of the sweep; every other ``--FIELD v1 v2 ...`` is a grid axis."""
+the command line of the sweep (one worker of it); every other ``--FIELD v1 v2 ...`` is a grid axis."""
 
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ from .grid import coerce
 logger = logging.getLogger("llrd.sweep")
 
 USAGE = (
-    "llrd sweep CONFIG --output_dir DIR [--seeds N] [--script S] [--layer_decay D ...] [--learning_rate LR ...] "
-    "[--FIELD V ...]"
+    "llrd sweep CONFIG --output_dir DIR [--seeds N] [--script S] [--storage URL] [--devices IDS] "
+    "[--layer_decay D ...] [--learning_rate LR ...] [--arm NAME FIELD=V[,V...] ...] [--FIELD V ...]"
 )
 _RESERVED = {"seed": "--seeds", "output_dir": "--output_dir (the sweep's)"}
 DATA_KEYS = ("train_file", "validation_file", "test_file")
+FOLDER_KEYS = ("train_dir", "validation_dir", "test_dir")  # image folders (the image recipe)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,14 +33,52 @@ def parser() -> argparse.ArgumentParser:
         usage=USAGE,
         allow_abbrev=False,
         description="Equal-budget A/B of layer-wise lr decay against plain fine-tuning on your data: every "
-        "setting of the grid with every seed, each trial its own process; settings chosen on validation, the "
-        "two chosen ones (best plain, best LLRD) reported on test, paired by seed, with one verdict line. Any "
-        "--FIELD V1 V2 ... (an LLRDTrainingArguments field or a key of CONFIG) is a grid axis; a single value "
-        "overrides the config for every trial.",
+        "setting of the grid with every seed, each trial its own process scoring validation during training and "
+        "the test split once at its end; settings chosen on validation only, every arm's chosen setting compared "
+        "with plain's on test, paired by seed, with one verdict line. Any --FIELD V1 V2 ... (an "
+        "LLRDTrainingArguments field or a key of CONFIG) is a grid axis; a single value overrides the config for "
+        "every trial. Start the same command several times (one per GPU with --devices, or on several machines "
+        "with one --storage) and the workers share the sweep.",
     )
-    p.add_argument("config", help="recipe config (YAML/JSON), as the recipe takes it")
-    p.add_argument("--output_dir", required=True, help="folder for data splits, trials and results (resumable)")
-    p.add_argument("--script", default="recipes/text_classification.py", help="recipe script (default: %(default)s)")
+    p.add_argument("config", help="recipe config (YAML/JSON), as the recipe takes it, or a bundled config's name")
+    p.add_argument("--output_dir", required=True, help="folder for data splits, trials and results")
+    p.add_argument(
+        "--script",
+        help="trial script: a path, or a bundled recipe's name (text_classification, image_classification); "
+        "default: the bundled text recipe. Any script works that takes one JSON config path and writes "
+        "trainer_state.json (eval_<metric> per evaluation) and test_results.json (test_<metric>) into its "
+        "output_dir (see docs/sweep.md)",
+    )
+    p.add_argument(
+        "--storage",
+        help="optuna storage URL holding the sweep (default: sqlite:///OUTPUT_DIR/sweep.db, one machine); a "
+        "PostgreSQL or MySQL URL (pip install 'llrd[sweep-cluster]') for workers on several machines",
+    )
+    p.add_argument("--study_name", default="llrd-sweep", help="the sweep's name in the storage (default: %(default)s)")
+    p.add_argument(
+        "--heartbeat",
+        type=int,
+        default=30,
+        help="seconds between a running trial's heartbeats; a trial silent for twice this is failed and run "
+        "again by a live worker (default: %(default)s)",
+    )
+    p.add_argument(
+        "--devices",
+        help="CUDA_VISIBLE_DEVICES of this worker's trials, e.g. 0 (one worker per GPU) or 0,1 with a "
+        "multi-GPU --launcher",
+    )
+    p.add_argument(
+        "--arm",
+        nargs="+",
+        action="append",
+        metavar="NAME FIELD=V",
+        help="a named arm besides plain and llrd: its values replace the grid's for that arm, e.g. --arm cosine "
+        "layer_decay=0.9,0.8,0.65 lr_scheduler_type=cosine; each arm is compared with plain (Holm's correction "
+        "over the arms)",
+    )
+    p.add_argument(
+        "--retry_failed", action="store_true", help="run again the trials whose last attempt failed with an error"
+    )
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 for every setting (default: %(default)s)")
     p.add_argument(
         "--plain_learning_rate",
@@ -64,7 +103,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--launcher",
         help="prefix for each trial's command instead of python, e.g. "
-        "'accelerate launch --config_file recipes/accelerate/ddp_bf16.yaml'",
+        "'accelerate launch --config_file {recipes}/accelerate/ddp_bf16.yaml' ({recipes}: the bundled recipes)",
     )
     p.add_argument("--trial_timeout", type=float, help="seconds after which a trial is killed and marked failed")
     p.add_argument("--keep_models", action="store_true", help="keep each trial's weights (default: delete them)")
@@ -117,6 +156,32 @@ def parse_grid(tokens: list[str], config: dict) -> dict[str, list]:
     return grid
 
 
+def parse_arms(specs: list[list[str]], config: dict) -> dict[str, dict[str, list]]:
+    """``--arm NAME FIELD=V1,V2 ...`` (repeated) as {name: {field: [typed values]}}.
+
+    Example:
+        >>> parse_arms([["cosine", "layer_decay=0.8", "lr_scheduler_type=cosine"]], {})
+        {'cosine': {'layer_decay': [0.8], 'lr_scheduler_type': ['cosine']}}
+    """
+    arms: dict[str, dict[str, list]] = {}
+    for spec in specs:
+        name, *pairs = spec
+        if not name.replace("_", "").replace("-", "").isalnum() or "=" in name:
+            raise ValueError(f"--arm {' '.join(spec)}: start with the arm's name (letters, digits, - and _)")
+        if name in arms or name in ("plain", "llrd"):
+            raise ValueError(f"--arm {name}: the name is {'given twice' if name in arms else 'a built-in arm'}")
+        if not pairs:
+            raise ValueError(f"--arm {name}: give its settings, e.g. --arm {name} lr_scheduler_type=cosine")
+        tokens = []
+        for pair in pairs:
+            field, eq, values = pair.partition("=")
+            if not eq or not values:
+                raise ValueError(f"--arm {name} {pair}: settings are FIELD=V or FIELD=V1,V2")
+            tokens += [f"--{field}", *values.split(",")]
+        arms[name] = parse_grid(tokens, config)
+    return arms
+
+
 def load_config(path: str) -> dict:
     """A recipe config file as a dict (YAML or JSON). Its relative data paths are relative to the file's folder,
     as the recipes read them; ``--train_file`` and the like on the command line are relative to the working
@@ -138,7 +203,7 @@ def load_config(path: str) -> dict:
         raise ValueError(f"config {path!r} does not parse: {' '.join(str(err).split())}") from err
     if not isinstance(cfg, dict):
         raise ValueError(f"config {path!r} is not a mapping of recipe settings")
-    for key in DATA_KEYS:
+    for key in DATA_KEYS + FOLDER_KEYS:
         if isinstance(cfg.get(key), str) and not Path(cfg[key]).expanduser().is_absolute():
             cfg[key] = os.path.normpath(file.resolve().parent / cfg[key])
     return cfg
@@ -146,11 +211,12 @@ def load_config(path: str) -> dict:
 
 def build_spec(argv: list[str]):
     """Parse ``argv`` (without ``sweep``) into a SweepSpec."""
+    from . import bundled
     from .core import SweepSpec
 
     ns, rest = parser().parse_known_args(argv)
     _check_numbers(ns)
-    config = load_config(ns.config)
+    config = load_config(bundled.resolve_config(ns.config))
     given = {key: os.path.expanduser(getattr(ns, key)) for key in DATA_KEYS if getattr(ns, key)}
     kept = [key for key in DATA_KEYS if key not in given and config.get(key)]
     if given and kept:
@@ -175,14 +241,16 @@ def build_spec(argv: list[str]):
     grid = {k: v for k, v in grid.items() if k not in fixed}
     if "learning_rate" in grid and len(grid["learning_rate"]) == 1:
         config = {**config, "learning_rate": grid["learning_rate"][0]}
-    ns.script = os.path.expanduser(ns.script)
-    special = {"config", "grid", "output_dir", "launcher", "command", "title", "greater_is_better"}
+    ns.script = os.path.expanduser(ns.script) if ns.script else None
+    arms = parse_arms(ns.arm or [], config)
+    special = {"config", "grid", "output_dir", "launcher", "command", "title", "greater_is_better", "arms"}
     same_name = {f.name: getattr(ns, f.name) for f in dataclasses.fields(SweepSpec) if f.name not in special}
     return SweepSpec(
         config={**config, **fixed},
         grid=grid,
         output_dir=Path(ns.output_dir).expanduser(),
-        launcher=shlex.split(ns.launcher) if ns.launcher else None,
+        launcher=shlex.split(bundled.expand_launcher(ns.launcher)) if ns.launcher else None,
+        arms=arms or None,
         command="llrd sweep " + shlex.join(argv),
         greater_is_better=None if ns.greater_is_better is None else ns.greater_is_better == "true",
         **same_name,
@@ -199,6 +267,8 @@ def _check_numbers(ns: argparse.Namespace) -> None:
             raise ValueError(f"--{name} {value}: must be at least 1 row (leave it out to use the whole file)")
     if not 0 < ns.confidence < 1:
         raise ValueError(f"--confidence {ns.confidence:g}: must lie strictly between 0 and 1, e.g. 0.95")
+    if ns.heartbeat < 1:
+        raise ValueError(f"--heartbeat {ns.heartbeat}: must be at least 1 second (30 is a good default)")
     if ns.trial_timeout is not None and ns.trial_timeout <= 0:
         raise ValueError(f"--trial_timeout {ns.trial_timeout:g}: must be a positive number of seconds")
 
@@ -262,7 +332,10 @@ def _run(argv: list[str]) -> int:
         print(f"llrd sweep: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("llrd sweep: interrupted; run the same command again to resume", file=sys.stderr)
+        print(
+            "llrd sweep: interrupted (the running trial went back to the queue); run the same command again to resume",
+            file=sys.stderr,
+        )
         return 130
     out = spec.output_dir
     print(f"results: {out / 'results.json'}, {out / 'table.md'}, {out / 'sweep.png'}")

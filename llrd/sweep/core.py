@@ -1,6 +1,9 @@
-"""The sweep from start to verdict: prepare the data, check every setting, run the tuning trials (each setting
-with every seed, validation only), choose each arm's setting on validation, re-run the two chosen settings with
-the test split, and write ``results.json``, ``table.md`` and ``sweep.png``."""
+"""The sweep from start to verdict, as one worker of it: prepare the data, check every setting, join the sweep's
+study in its optuna storage (creating it and enqueueing every (setting, seed) when it is new), run waiting trials
+until none is left (each setting with every seed; each trial also scores the test split once at its end), then
+choose each arm's setting on validation (test scores stripped), compare every arm with plain on test, and write
+``results.json``, ``table.md`` and ``sweep.png``. Several workers (processes, GPUs, machines) share one sweep by
+sharing its storage."""
 
 from __future__ import annotations
 
@@ -12,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import data, report, trials
-from .grid import expand, label
+from . import bundled, data, report, store, trials
+from .grid import expand_arms, label
 from .grid import llrd_only_fields as grid_llrd_only
 from .plot import plot
 
@@ -33,7 +36,7 @@ class SweepSpec:
     config: dict[str, Any]
     grid: dict[str, list[Any]]
     output_dir: Path
-    script: str = "recipes/text_classification.py"
+    script: str | None = None  # None: the bundled text-classification recipe
     seeds: int = 3
     plain_learning_rate: list[float] | None = None
     metric: str = "accuracy"
@@ -49,6 +52,12 @@ class SweepSpec:
     greater_is_better: bool | None = None
     command: str = ""
     title: str = ""
+    arms: dict[str, dict[str, list[Any]]] | None = None  # named arms besides plain and llrd
+    storage: str | None = None  # None: sqlite:///<output_dir>/sweep.db
+    study_name: str = "llrd-sweep"
+    heartbeat: int = 30
+    devices: str | None = None
+    retry_failed: bool = False
 
 
 def check_settings(configs: list[tuple[str, dict]]) -> None:
@@ -74,74 +83,72 @@ def check_settings(configs: list[tuple[str, dict]]) -> None:
 def _check_dependencies() -> None:
     try:
         import matplotlib  # noqa: F401
+        import optuna  # noqa: F401
         import scipy  # noqa: F401
     except ImportError as err:
-        raise ValueError(f"llrd sweep needs {err.name}: pip install 'llrd[recipes]'") from err
+        raise ValueError(f"llrd sweep needs {err.name}: pip install 'llrd[sweep]'") from err
 
 
-class _Progress:
-    """``[i/n]`` counter; the remaining time is the mean time of the trials run so far times the trials still to
-    run (finished ones found on disk cost nothing)."""
+class _Worker:
+    """Takes waiting trials of the study until none is waiting or running, and runs each in its own process."""
 
-    def __init__(self, total: int, metric: str):
-        self.total, self.metric, self.done, self.spent, self.ran, self.pending = total, metric, 0, 0.0, 0, 0
+    def __init__(self, spec: SweepSpec, out: Path, files: dict, script: str, study, total: int):
+        self.spec, self.out, self.files, self.script, self.study, self.total = spec, out, files, script, study, total
+        self.ran = 0
+        self.env = {"CUDA_VISIBLE_DEVICES": spec.devices} if spec.devices is not None else {}
 
-    def step(self, record: dict, reused: bool) -> None:
-        self.done += 1
-        if not reused:
-            self.spent += record["seconds"]
-            self.ran += 1
-            self.pending -= 1
-        eta = "done" if self.done == self.total else ""
-        if self.ran and self.done < self.total:
-            eta = f"~{self.spent / self.ran * max(self.pending, 0) / 60:.1f} min left"
-        what = f"{record['id']}: " + (
-            f"val {self.metric} {record['final']:.4f}"
-            + (f", test {record['test'][self.metric]:.4f}" if "test" in record else "")
-            if record["status"] == "ok"
-            else f"FAILED ({record['error']})"
+    def run(self) -> None:
+        from optuna.storages import fail_stale_trials
+
+        poll = max(1.0, min(float(self.spec.heartbeat), 10.0))
+        waited = False
+        while True:
+            with store.quiet_experimental():  # a dead worker's trial: failed and enqueued again (store.requeue)
+                fail_stale_trials(self.study)
+            trial = store.take(self.study)
+            if trial is not None:
+                self._run(trial)
+                waited = False
+                continue
+            now = store.state(self.study)
+            if not now["waiting"] and not now["running"]:
+                return
+            if not waited:
+                logger.info("no trial waiting; %d running on other workers: waiting for them", now["running"])
+                waited = True
+            time.sleep(poll)
+
+    def _run(self, optuna_trial) -> None:
+        spec, attrs = self.spec, optuna_trial.user_attrs
+        trial = trials.Trial(attrs["arm"], attrs["setting"], attrs["seed"], optuna_trial.number)
+        cfg = trials.trial_config(spec.config, trial, self.out, self.files)
+        try:
+            with store.Heartbeat(self.study._storage, optuna_trial._trial_id, spec.heartbeat):
+                rec = trials.run_trial(
+                    trial, cfg, (self.script, spec.launcher), spec.metric, spec.trial_timeout, spec.keep_models,
+                    env=self.env,
+                )  # fmt: skip
+        except BaseException:  # Ctrl-C, SIGTERM: the trial goes back to the queue for another worker
+            store.interrupted(self.study, optuna_trial)
+            raise
+        rec["attempt"] = attrs.get("attempt", 1)
+        store.finish(self.study, optuna_trial, rec)
+        if trials.metric_missing(rec.get("error")):  # every other trial would train for nothing
+            raise ValueError(f"--metric {spec.metric}: {rec['error'].removeprefix('ValueError: ')}")
+        self.ran += 1
+        done = len(store.state(self.study)["records"])
+        what = (
+            f"val {spec.metric} {rec['final']:.4f}, test {rec['test'][spec.metric]:.4f}"
+            if rec["status"] == "ok"
+            else f"FAILED ({rec['error']})"
         )
-        how = "finished earlier, reused" if reused else f"{record['seconds']:.0f} s"
-        logger.info("[%d/%d] %s; %s; %s", self.done, self.total, what, how, eta)
-
-
-class _Runner:
-    """Runs trials in order, reusing finished ones, and keeps ``results.json`` up to date after each."""
-
-    def __init__(self, spec: SweepSpec, out: Path, files: dict, record: dict, total: int):
-        self.spec, self.out, self.files, self.record = spec, out, files, record
-        self.progress = _Progress(total, spec.metric)
-
-    def config(self, trial: trials.Trial) -> dict:
-        return trials.trial_config(self.spec.config, trial, self.out, self.files)
-
-    def run(self, batch: list[trials.Trial], later: int = 0) -> None:
-        """Run ``batch``; ``later`` trials are still to come after it (for the time estimate)."""
-        spec, plan = self.spec, []
-        for trial in batch:
-            cfg = self.config(trial)
-            expected = trials.fingerprint(cfg, spec.script, spec.launcher, self.files, trial.phase)
-            done = trials.load_record(Path(cfg["output_dir"]), expected)
-            if done is not None:  # a reused record lacking --metric stops the sweep now, before anything runs
-                trials.with_metric(done, spec.metric)
-            plan.append((trial, cfg, expected, done))
-        self.progress.pending = sum(done is None for *_, done in plan) + later
-        for trial, cfg, expected, done in plan:
-            rec = done or trials.run_trial(
-                trial, cfg, expected, (spec.script, spec.launcher), spec.metric, spec.trial_timeout, spec.keep_models
-            )
-            if trials.metric_missing(rec.get("error")):  # every other trial would train for nothing
-                _write_json(self.out / "results.json", {**self.record, "trials": [*self.record["trials"], rec]})
-                raise ValueError(f"--metric {spec.metric}: {rec['error'].removeprefix('ValueError: ')}")
-            rec = trials.with_metric(rec, spec.metric)  # a reused record may have been run with another --metric
-            self.record["trials"].append(rec)
-            self.progress.step(rec, reused=done is not None)
-            if done is None:  # partial results survive a crash; a resume that only reuses keeps the old file
-                _write_json(self.out / "results.json", self.record)
+        logger.info("[%d/%d] %s/%s (trial %d): %s; %.0f s", done, self.total, trial.arm, trial.id,
+                    trial.number, what, rec["seconds"])  # fmt: skip
 
 
 def run_sweep(spec: SweepSpec) -> dict:
-    """Run (or resume) the sweep described by ``spec``; returns the ``results.json`` content.
+    """Run (or join, or resume) the sweep described by ``spec`` as one worker; returns the ``results.json``
+    content once no trial is left.
 
     Example:
         >>> result = run_sweep(spec)  # doctest: +SKIP
@@ -149,85 +156,94 @@ def run_sweep(spec: SweepSpec) -> dict:
         verdict: use layer_decay=0.8, learning_rate=0.0004 (best on validation); ...
     """
     began = time.perf_counter()
-    trials.reset_warnings()
     _check_dependencies()
-    _check_script(spec)
+    script = bundled.resolve_script(spec.script)
+    _check_script(spec, script)
     out = Path(spec.output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    with _lock(out):  # a second sweep on the same folder would delete this one's live trials
-        return _run_locked(spec, out, began)
-
-
-def _run_locked(spec: SweepSpec, out: Path, began: float) -> dict:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--output_dir {out}: cannot create it ({err.strerror})") from err
     _check_data_settings(spec.config)
     files = data.prepare(spec.config, out, spec.train_size, spec.validation_size, spec.test_size, spec.split_seed)
-    plain, llrd = expand(spec.grid, float(spec.config.get("learning_rate", 5e-5)), spec.plain_learning_rate)
-    logger.info("plain arm (%d): %s", len(plain), "; ".join(label(s) for s in plain))
-    logger.info("LLRD arm (%d): %s", len(llrd), "; ".join(label(s) for s in llrd))
+    arms = expand_arms(spec.grid, float(spec.config.get("learning_rate", 5e-5)), spec.plain_learning_rate, spec.arms)
+    for arm, settings in arms.items():
+        logger.info("%s arm (%d): %s", arm, len(settings), "; ".join(label(s) for s in settings))
+    check_settings(
+        [(label(s), trials.trial_config(spec.config, trials.Trial(a, s, 0), out, files)) for a in arms for s in arms[a]]
+    )
+    entries = [{"arm": a, "setting": s, "seed": k} for k in range(spec.seeds) for a in arms for s in arms[a]]
+    url = spec.storage or f"sqlite:///{out / 'sweep.db'}"
+    storage = store.open_storage(url, spec.heartbeat)
+    study, created = store.join(storage, spec.study_name, _fingerprint(spec, arms, files, script), entries)
+    logger.info(
+        "%s study %r in %s: %d settings x %d seeds = %d trials, each scoring the test split once at its end",
+        "created" if created else "joined", spec.study_name, store.redact(url), len(entries) // spec.seeds,
+        spec.seeds, len(entries),
+    )  # fmt: skip
+    if spec.retry_failed:
+        logger.info("--retry_failed: %d failed trials enqueued again", store.retry_failed(study))
+    _Worker(spec, out, files, script, study, len(entries)).run()
+    now = store.state(study)
+    order = {store.key_of(e["arm"], e["setting"], e["seed"]): i for i, e in enumerate(entries)}
+    records = [
+        trials.with_metric(r, spec.metric) for _, r in sorted(now["records"].items(), key=lambda kv: order[kv[0]])
+    ]
     record: dict[str, Any] = {
-        "sweep": {**{k: v for k, v in dataclasses.asdict(spec).items() if k != "output_dir"}, "output_dir": str(out)},
+        "sweep": {**{k: v for k, v in dataclasses.asdict(spec).items() if k not in ("output_dir", "storage")},
+                  "output_dir": str(out), "script": script, "storage": store.redact(url)},
         "data": files,
-        "environment": _environment(),
-        "settings": {"plain": plain, "llrd": llrd},
-        "trials": [],
-    }
-    runner = _Runner(spec, out, files, record, (len(plain) + len(llrd) + 2) * spec.seeds)
-    check_settings([(label(s), runner.config(trials.Trial("tune", s, 0))) for s in plain + llrd])
-    logger.info("%d settings x %d seeds, then the 2 chosen x %d seeds on test", len(plain + llrd), *[spec.seeds] * 2)
-    runner.run([trials.Trial("tune", s, k) for k in range(spec.seeds) for s in plain + llrd], later=2 * spec.seeds)
+        "environment": _environment(spec),
+        "settings": arms,
+        "storage": {"attempts": now["attempts"], "trials": len(records), "duplicates": now["duplicates"]},
+        "trials": records,
+    }  # fmt: skip
     greater = report.greater_is_better(spec.metric, spec.greater_is_better)
-    chosen = [report.choose(report.summarize(arm, record["trials"], greater), greater) for arm in (plain, llrd)]
-    if None in chosen:
+    chosen = report.select(arms, records, greater)
+    missing = [arm for arm, row in chosen.items() if row is None]
+    if missing:
         _write_json(out / "results.json", record)
-        arm, settings = ("plain", plain) if chosen[0] is None else ("LLRD", llrd)
-        errors = [r["error"] for r in record["trials"] if r["setting"] in settings and r["error"]]
+        settings = [s for arm in missing for s in arms[arm]]
+        errors = [r["error"] for r in records if r["setting"] in settings and r["error"]]
         common = max(set(errors), key=errors.count) if errors else "no error recorded"
+        arm = "plain" if missing[0] == "plain" else "LLRD" if missing[0] == "llrd" else missing[0]
         raise RuntimeError(
             f"every {arm} trial failed: no verdict; most common error ({errors.count(common)} of {len(errors)}): "
             f"{common} (all errors: {out / 'results.json'})"
         )
-    runner.run([trials.Trial("test", row["setting"], k) for row in chosen for k in range(spec.seeds)])
-    _conclude(spec, record, plain, llrd, chosen, greater)
+    _conclude(spec, record, arms, chosen, greater)
     record.update(wall_seconds_this_invocation=round(time.perf_counter() - began, 1))
     _write_outputs(spec, out, files, record, greater)
     return record
 
 
-def _check_script(spec: SweepSpec) -> None:
+def _fingerprint(spec: SweepSpec, arms: dict, files: dict, script: str) -> dict:
+    """What every worker of one sweep must share: the config (without its data paths, which differ between
+    machines), the arms' settings, the seeds, the script's content and the data's content."""
+    paths = {f"{s}_{kind}" for s in data.SPLITS for kind in ("file", "dir")}
+    return {
+        "config": {k: v for k, v in spec.config.items() if k not in paths},
+        "arms": arms,
+        "seeds": spec.seeds,
+        "script_sha": trials.script_digest(script),
+        "data": {split: info["sha"] for split, info in files.items()},
+    }
+
+
+def _check_script(spec: SweepSpec, script: str) -> None:
     """Without a launcher the script must be a file here (paths are relative to the working directory)."""
-    if not spec.launcher and not Path(spec.script).is_file():
+    if not spec.launcher and not Path(script).is_file():
         raise ValueError(
-            f"--script {spec.script}: no such file from {Path.cwd()}; run llrd sweep from the project root or give "
-            "the script's path"
+            f"--script {spec.script}: no such file from {Path.cwd()}; give the script's path, or leave --script "
+            "out for the bundled text-classification recipe"
         )
 
 
-def _lock(out: Path):
-    """An exclusive lock on ``out/.lock`` for this process; ValueError when another sweep holds it."""
-    import fcntl
-
-    try:
-        handle = open(out / ".lock", "w")  # noqa: SIM115 - held for the sweep's lifetime
-    except OSError as err:
-        raise ValueError(f"--output_dir {out}: cannot write there ({err.strerror})") from err
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as err:
-        handle.close()
-        raise ValueError(
-            f"--output_dir {out}: another llrd sweep is running there; wait for it or use another folder"
-        ) from err
-    except OSError as err:
-        handle.close()
-        raise ValueError(f"--output_dir {out}: cannot lock {out / '.lock'} ({err.strerror})") from err
-    return handle
-
-
 def _check_data_settings(config: dict) -> None:
-    if not config.get("test_file"):
+    if not config.get("test_file") and not config.get("test_dir"):
         raise ValueError(
-            "the config has no test_file: llrd sweep reports the chosen settings on a test split; add test_file "
-            "to the config or pass --test_file"
+            "the config has no test_file (nor test_dir): llrd sweep reports the chosen settings on a test split; "
+            "add test_file to the config or pass --test_file (image folders: test_dir in the config)"
         )
     if config.get("max_eval_samples"):
         logger.warning(
@@ -237,40 +253,39 @@ def _check_data_settings(config: dict) -> None:
         )
 
 
-def _conclude(spec: SweepSpec, record: dict, plain: list, llrd: list, chosen: list[dict], greater: bool) -> None:
-    """Summaries, test rows, verdict and notes into ``record``; RuntimeError when no seed has both test results."""
-    best_plain, best_llrd = chosen
-    target = spec.target if spec.target is not None else best_plain["mean"]
+def _conclude(spec: SweepSpec, record: dict, arms: dict, chosen: dict, greater: bool) -> None:
+    """Summaries, test rows, verdict and notes into ``record``; RuntimeError when no seed has test results for
+    plain and an arm."""
+    records = record["trials"]
+    target = spec.target if spec.target is not None else chosen["plain"]["mean"]
     test_rows = [
-        report.summarize(
-            [row["setting"]], record["trials"], greater, phase="test", value=lambda r: r["test"][spec.metric]
-        )[0]
-        for row in chosen
+        report.summarize([row["setting"]], records, greater, value=lambda r: r["test"][spec.metric], arm=arm)[0]
+        for arm, row in chosen.items()
     ]
-    verdict = report.verdict(
-        best_plain, best_llrd, test_rows[0]["finals"], test_rows[1]["finals"], spec.metric, greater, spec.confidence
-    )
+    verdict = report.compare(chosen, records, spec.metric, greater, spec.confidence)
     if not verdict["seeds"]:
         _write_json(Path(record["sweep"]["output_dir"]) / "results.json", record)
         raise RuntimeError("no seed has test results for both chosen settings: no verdict (see results.json)")
-    notes = report.edge_notes(best_plain, plain) + report.edge_notes(best_llrd, llrd)
+    notes = [n for arm in arms for n in report.edge_notes(chosen[arm], arms[arm])]
     notes += [
         f"no {row['arm']} setting finished every seed; {row['label']} was chosen on the seeds that did "
         f"({sorted(row['finals'])})"
-        for row in chosen
+        for row in chosen.values()
         if row["failed"]
     ]
     dropped = sorted(k for k in spec.config if k in grid_llrd_only() and spec.config[k] != _llrd_default(k))
     if dropped:
         notes.append(f"LLRD settings of the config applied to the LLRD arm only: {', '.join(dropped)}")
+    summary = [row for arm, settings in arms.items() for row in report.summarize(settings, records, greater, target,
+                                                                                  arm=arm)]  # fmt: skip
     record.update(
-        summary=report.summarize(plain + llrd, record["trials"], greater, target),
+        summary=summary,
         target=target,
-        chosen={"plain": best_plain["label"], "llrd": best_llrd["label"]},
+        chosen={arm: row["label"] for arm, row in chosen.items()},
         test=test_rows,
         verdict=verdict,
-        notes=notes + _reproduction_notes(record["trials"]) + _failure_notes(record["trials"]),
-        trial_seconds_total=round(sum(r["seconds"] for r in record["trials"]), 1),
+        notes=notes + _failure_notes(records),
+        trial_seconds_total=round(sum(r["seconds"] for r in records), 1),
     )
 
 
@@ -304,24 +319,8 @@ def _failure_notes(records: list[dict]) -> list[str]:
     seeds: dict[tuple[str, str], list[int]] = {}
     for r in records:
         if r["status"] != "ok":
-            seeds.setdefault((f"{r['phase']} {label(r['setting'])}", r["error"]), []).append(r["seed"])
+            seeds.setdefault((f"{r.get('arm', '')} {label(r['setting'])}", r["error"]), []).append(r["seed"])
     return [f"failed: {what}, seeds {s}: {error}" for (what, error), s in seeds.items()]
-
-
-def _reproduction_notes(records: list[dict]) -> list[str]:
-    """Each test run repeats a tuning run with the test split added: its validation curve must be the same."""
-    tune = {(json.dumps(r["setting"], sort_keys=True), r["seed"]): r for r in records if r["phase"] == "tune"}
-    notes = []
-    for r in records:
-        if r["phase"] != "test" or r["status"] != "ok":
-            continue
-        twin = tune.get((json.dumps(r["setting"], sort_keys=True), r["seed"]))
-        if twin and twin["status"] == "ok" and twin["curve"] != r["curve"]:
-            notes.append(
-                f"{r['id']} did not reproduce its tuning run's validation curve ({twin['curve'][-1][1]:.4f} then, "
-                f"{r['curve'][-1][1]:.4f} now): the script or hardware is not deterministic, so pairs are looser"
-            )
-    return notes
 
 
 def _header(spec: SweepSpec, files: dict, record: dict) -> list[str]:
@@ -329,27 +328,36 @@ def _header(spec: SweepSpec, files: dict, record: dict) -> list[str]:
     rows, target = record["summary"], record["target"]
     sizes = ", ".join(f"{split} {info['rows']} rows ({info['how']})" for split, info in files.items())
     env = ", ".join(f"{k}={v}" for k, v in record["environment"].items() if v is not None)
+    arms = record["settings"]
+    script = spec.script or f"{Path(record['sweep']['script']).name} (bundled)"
+    stored = record["storage"]
     return [
         f"Command: `{spec.command}`" if spec.command else "Command: (Python API)",
         "",
-        f"Script `{spec.script}`"
+        f"Script `{script}`"
         + (f" under `{' '.join(spec.launcher)}`" if spec.launcher else "")
-        + f"; data: {sizes}; seeds 0-{spec.seeds - 1}; {len(rows)} settings ({len(rows) // 2} per arm: equal "
-        f"budget), every trial the same steps and evaluations. Target for 'steps to': {target:.4f}"
+        + f"; data: {sizes}; seeds 0-{spec.seeds - 1}; {len(rows)} settings ({len(rows) // len(arms)} per arm, "
+        f"{len(arms)} arms: equal budget), every trial the same steps and evaluations, and the test split scored "
+        f"once at its end (no re-runs). Target for 'steps to': {target:.4f}"
         + (" (given)" if spec.target is not None else " (the best plain setting's mean final validation value)")
         + f". {len(record['trials'])} trials took {record['trial_seconds_total'] / 60:.1f} min (sum of their wall "
-        f"times); this invocation ran {record['wall_seconds_this_invocation'] / 60:.1f} min (trials reused from an "
-        f"earlier invocation cost nothing here). Environment: {env}.",
+        f"times; {stored['attempts']} attempts in the storage); "
+        + (record["rescored"]["line"] if "rescored" in record else
+           f"this worker ran {record['wall_seconds_this_invocation'] / 60:.1f} min")  # fmt: skip
+        + f". Environment: {env}.",
     ]
 
 
-def _environment() -> dict:
-    """What the trials ran on: CPU count and the thread/device variables they inherit."""
+def _environment(spec: SweepSpec) -> dict:
+    """What this worker's trials ran on: CPU count and the thread/device variables they inherit."""
     import os
     import platform
 
     keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
-    return {"cpu_count": os.cpu_count(), "machine": platform.machine(), **{k: os.environ.get(k) for k in keys}}
+    env = {"cpu_count": os.cpu_count(), "machine": platform.machine(), **{k: os.environ.get(k) for k in keys}}
+    if spec.devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = spec.devices
+    return env
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -1,6 +1,8 @@
 """The data every trial of a sweep sees: the config's CSV files, sampled to stated sizes with a fixed seed, and a
 validation split cut from the training file when the config has none (MR, AG News). Files that change are
-written into the sweep's output folder, so the recipe itself stays a plain ``run_glue``-style script."""
+written into the sweep's output folder, so the recipe itself stays a plain ``run_glue``-style script. Image
+folders (``train_dir``/``validation_dir``/``test_dir``, one sub-folder per class) are used as they are; each
+split's content hash is part of the sweep's fingerprint either way."""
 
 from __future__ import annotations
 
@@ -106,6 +108,8 @@ def prepare(
         >>> prepare({"train_file": "train.csv"}, Path("out"), validation_size=300)  # doctest: +SKIP
         {'train': {'path': 'out/data/train.csv', 'rows': 9362, ...}, 'validation': {...}}
     """
+    if not config.get("train_file") and config.get("train_dir"):
+        return prepare_folders(config, train_size, validation_size, test_size)
     if not config.get("train_file"):
         raise ValueError(
             "the config has no train_file: llrd sweep needs local CSV files (train_file, and optionally "
@@ -136,6 +140,7 @@ def prepare(
         with open(out[split]["path"], newline="", encoding="utf-8") as f:
             out[split]["rows"] = sum(1 for _ in csv.DictReader(f))
         out[split]["sha"] = digest(Path(out[split]["path"]))
+        out[split]["key"] = f"{split}_file"
 
     def keep_sampled(split: str, size: int | None) -> None:
         """The split's file as given, or ``size`` of its rows sampled with ``seed``."""
@@ -162,4 +167,46 @@ def prepare(
         keep_sampled("test", test_size)
     for split, info in out.items():
         logger.info("data: %s = %d rows (%s)", split, info["rows"], info["how"])
+    return out
+
+
+def folder_digest(folder: Path) -> tuple[str, int]:
+    """(hash of every file's relative path, size and content, file count) of an image folder."""
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    for path in files:
+        h.update(str(path.relative_to(folder)).encode() + b"\0")
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16], len(files)
+
+
+def prepare_folders(
+    config: dict, train_size: int | None, validation_size: int | None, test_size: int | None
+) -> dict[str, dict]:
+    """The image folders of ``config`` as they are (``{split: {"key", "path", "source", "rows", "sha"}}``);
+    sampling and splitting are for CSV files only."""
+    given = [f"--{n}_size" for n, v in (("train", train_size), ("validation", validation_size), ("test", test_size))
+             if v is not None]  # fmt: skip
+    if given:
+        raise ValueError(
+            f"{', '.join(given)}: llrd sweep samples CSV files only; image folders (train_dir, ...) are used as "
+            "they are (use the recipe's max_train_samples/max_eval_samples to train on fewer images)"
+        )
+    out = {}
+    for split in SPLITS:
+        value = config.get(f"{split}_dir")
+        if not value:
+            if split == "validation":
+                raise ValueError(
+                    "the config has train_dir but no validation_dir: llrd sweep chooses settings on a validation "
+                    "split; give an image folder for it (it cannot split image folders)"
+                )
+            continue
+        folder = Path(value).expanduser()
+        if not folder.is_dir():
+            raise ValueError(f"{split}_dir {value}: no such folder")
+        sha, count = folder_digest(folder)
+        out[split] = {"key": f"{split}_dir", "path": str(folder.resolve()), "source": str(folder), "rows": count,
+                      "sha": sha, "how": f"{folder}, as given ({count} files)"}  # fmt: skip
+        logger.info("data: %s = %s", split, out[split]["how"])
     return out

@@ -11,8 +11,9 @@ from enum import Enum
 from typing import Any
 
 PLAIN_DECAY = 1.0
-# LLRD settings that only change what llrd logs or checks, not how the model trains: the plain arm keeps them
-_NEUTRAL = ("layer_decay", "layer_stats", "verify_rates")
+# LLRD settings that only change what llrd logs or checks, or that act with LLRD off too (fix_loss_scaling is
+# Trainer's loss scaling, not a per-layer rate): the plain arm keeps them
+_NEUTRAL = ("layer_decay", "layer_stats", "verify_rates", "fix_loss_scaling")
 
 
 def llrd_only_fields() -> frozenset[str]:
@@ -188,3 +189,34 @@ def coerce(name: str, text: str, annotation: Any = None, current: Any = None) ->
                 pass
         return text
     raise ValueError(f"--{name} {text!r}: expected {' or '.join(k.__name__ for k in kinds)}")
+
+
+def expand_arms(
+    grid: dict[str, list[Any]],
+    base_learning_rate: float,
+    plain_learning_rates: list[float] | None = None,
+    named: dict[str, dict[str, list[Any]]] | None = None,
+) -> dict[str, list[dict]]:
+    """Every arm's settings: ``plain``, ``llrd`` (the grid's decays below 1) and each ``named`` arm, whose own
+    values (e.g. ``{"layer_decay": [0.8], "lr_scheduler_type": ["cosine"]}``) replace the grid's axes of the
+    same name. Every arm tunes as many settings as plain (equal budget), or a ValueError names the sizes.
+
+    Example:
+        >>> arms = expand_arms({"layer_decay": [0.8], "learning_rate": [1e-4]}, 1e-4,
+        ...                    named={"wd": {"weight_decay": [0.1]}})
+        >>> {arm: len(s) for arm, s in arms.items()}, arms["wd"][0]["weight_decay"]
+        ({'plain': 1, 'llrd': 1, 'wd': 1}, 0.1)
+    """
+    plain, llrd = expand(grid, base_learning_rate, plain_learning_rates)
+    arms = {"plain": plain, "llrd": llrd}
+    for name, values in (named or {}).items():
+        if name in arms:
+            raise ValueError(f"--arm {name}: the name is taken (plain and llrd are the built-in arms)")
+        arms[name] = expand({**grid, **values}, base_learning_rate)[1]
+    sizes = {arm: len(settings) for arm, settings in arms.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(
+            f"arms of unequal size {sizes}: every arm must tune as many settings as plain (equal budget); give "
+            "each --arm as many values as the LLRD grid has (decay, rate) combinations"
+        )
+    return arms

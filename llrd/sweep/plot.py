@@ -1,5 +1,5 @@
 """``sweep.png``: the validation metric over optimizer steps, one band per setting (mean line, min-max band over
-seeds); the plain arm dashed, the LLRD arm solid, the two chosen settings drawn thicker."""
+seeds); the plain arm dashed, the other arms solid (one colour map each), the chosen settings drawn thicker."""
 
 from __future__ import annotations
 
@@ -14,15 +14,13 @@ def bands(records: list[dict], setting: dict) -> tuple[list[int], list[float], l
     seed evaluated.
 
     Example:
-        >>> recs = [{"phase": "tune", "status": "ok", "setting": {"a": 1}, "curve": [[10, v], [20, v + 0.1]]}
+        >>> recs = [{"status": "ok", "setting": {"a": 1}, "curve": [[10, v], [20, v + 0.1]]}
         ...         for v in (0.5, 0.7)]
         >>> bands(recs, {"a": 1})[0:2]
         ([10, 20], [0.6, 0.7])
     """
     curves = [
-        dict((int(s), v) for s, v in r["curve"])
-        for r in records
-        if r["phase"] == "tune" and r["status"] == "ok" and r["setting"] == setting
+        dict((int(s), v) for s, v in r["curve"]) for r in records if r["status"] == "ok" and r["setting"] == setting
     ]
     if not curves:
         return [], [], [], []
@@ -39,9 +37,14 @@ def plot(rows: list[dict], records: list[dict], chosen: list[str], metric: str, 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5))
-    plain = [r for r in rows if r["arm"] == "plain"]
-    llrd = [r for r in rows if r["arm"] == "llrd"]
-    for group, cmap, style in ((plain, plt.get_cmap("winter"), "--"), (llrd, plt.get_cmap("autumn"), "-")):
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    maps = ("autumn", "cool", "summer", "spring", "copper", "Wistia")
+    styles = [
+        ([r for r in rows if r["arm"] == arm], plt.get_cmap("winter" if arm == "plain" else maps[i % len(maps)]),
+         "--" if arm == "plain" else "-")
+        for i, arm in enumerate(a for a in arms)
+    ]  # fmt: skip
+    for group, cmap, style in styles:
         for i, row in enumerate(group):
             steps, mean, low, high = bands(records, row["setting"])
             if not steps:

@@ -1,5 +1,6 @@
-"""Pure arithmetic on trial records: per-setting summaries, selection on validation, the paired verdict on
-test, and the markdown table. No I/O, so each piece is tested on made-up results."""
+"""Pure arithmetic on trial records: per-setting summaries, selection on validation (which never sees a test
+score), the paired verdict on test with every named arm against plain (Holm's correction when there are
+several), and the markdown table. No I/O, so each piece is tested on made-up results."""
 
 from __future__ import annotations
 
@@ -42,14 +43,14 @@ def summarize(
     records: list[dict],
     greater: bool = True,
     target: float | None = None,
-    phase: str = "tune",
     value: Callable[[dict], float] = lambda r: r["final"],
+    arm: str | None = None,
 ) -> list[dict]:
-    """One row per setting over its trials of ``phase``: ``value`` per seed (default: the last validation
-    value), mean, std, worst and best seed, steps to ``target`` per seed, failed seeds.
+    """One row per setting over its trials (of ``arm``, when given): ``value`` per seed (default: the last
+    validation value), mean, std, worst and best seed, steps to ``target`` per seed, failed seeds.
 
     Example:
-        >>> recs = [{"phase": "tune", "setting": {"layer_decay": 0.8}, "seed": s, "status": "ok", "final": v,
+        >>> recs = [{"setting": {"layer_decay": 0.8}, "seed": s, "status": "ok", "final": v,
         ...          "curve": [[10, v]], "seconds": 1.0} for s, v in ((0, 0.8), (1, 0.9))]
         >>> row = summarize([{"layer_decay": 0.8}], recs)[0]
         >>> round(row["mean"], 3), row["worst"], row["best"]
@@ -57,13 +58,16 @@ def summarize(
     """
     rows = []
     for setting in settings:
-        runs = sorted((r for r in records if r["phase"] == phase and r["setting"] == setting), key=lambda r: r["seed"])
+        runs = sorted(
+            (r for r in records if r["setting"] == setting and (arm is None or r.get("arm", arm) == arm)),
+            key=lambda r: r["seed"],
+        )
         ok = [r for r in runs if r["status"] == "ok"]
         finals = {r["seed"]: value(r) for r in ok}
         row: dict[str, Any] = {
             "setting": setting,
             "label": label(setting),
-            "arm": "plain" if is_plain(setting) else "llrd",
+            "arm": arm if arm is not None else "plain" if is_plain(setting) else "llrd",
             "finals": finals,
             "failed": [r["seed"] for r in runs if r["status"] != "ok"],
             "mean": statistics.mean(finals.values()) if finals else None,
@@ -79,6 +83,25 @@ def summarize(
             row["steps_to_target"] = {r["seed"]: steps_to(r["curve"], target, greater) for r in ok}
         rows.append(row)
     return rows
+
+
+def without_test(records: list[dict]) -> list[dict]:
+    """Copies of ``records`` without their test scores: what selection gets."""
+    return [{k: v for k, v in r.items() if k != "test"} for r in records]
+
+
+def select(arms: dict[str, list[dict]], records: list[dict], greater: bool = True) -> dict[str, dict | None]:
+    """Each arm's chosen row (best mean validation value, see :func:`choose`), from ``records`` with their test
+    scores stripped first: the choice cannot depend on test.
+
+    Example:
+        >>> recs = [{"arm": "llrd", "setting": {"layer_decay": d}, "seed": 0, "status": "ok", "final": v,
+        ...          "curve": [], "seconds": 1.0, "test": {"accuracy": 1 - v}} for d, v in ((0.8, 0.7), (0.9, 0.8))]
+        >>> select({"llrd": [{"layer_decay": 0.8}, {"layer_decay": 0.9}]}, recs)["llrd"]["label"]
+        'layer_decay=0.9'
+    """
+    blind = without_test(records)
+    return {arm: choose(summarize(settings, blind, greater, arm=arm), greater) for arm, settings in arms.items()}
 
 
 def choose(rows: list[dict], greater: bool = True) -> dict | None:
@@ -137,7 +160,35 @@ def paired_interval(diffs: list[float], confidence: float = 0.95) -> dict:
         out["no_spread"] = sd <= 1e-12 * max(1.0, abs(out["mean"]))
         if not out["no_spread"]:
             half = t_quantile((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
-            out.update(low=out["mean"] - half, high=out["mean"] + half)
+            out.update(low=out["mean"] - half, high=out["mean"] + half, p=paired_p(out["mean"], sd, n))
+    return out
+
+
+def paired_p(mean: float, sd: float, n: int) -> float:
+    """Two-sided p-value of the paired t-test of mean difference 0 (scipy's t distribution).
+
+    Example:
+        >>> round(paired_p(0.02, 0.01, 3), 4)
+        0.0742
+    """
+    from scipy.stats import t
+
+    return float(2 * t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+
+
+def holm(p_values: dict[str, float | None]) -> dict[str, float | None]:
+    """Holm's step-down adjustment of several p-values (family-wise error rate): the i-th smallest of m becomes
+    max over j <= i of min(1, (m - j + 1) p_(j)); None (no test possible) stays None and is not counted.
+
+    Example:
+        >>> holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": None})
+        {'a': 0.03, 'b': 0.06, 'c': 0.06, 'd': None}
+    """
+    tested = sorted((p, name) for name, p in p_values.items() if p is not None)
+    m, out, running = len(tested), {name: None for name in p_values}, 0.0
+    for i, (p, name) in enumerate(tested):
+        running = max(running, min(1.0, (m - i) * p))
+        out[name] = float(f"{running:.12g}")
     return out
 
 
@@ -149,9 +200,14 @@ def verdict(
     metric: str,
     greater: bool = True,
     confidence: float = 0.95,
+    name: str = "LLRD",
+    holm_p: float | None = None,
+    family: int = 1,
 ) -> dict:
     """The one-line answer. ``plain``/``llrd`` are the arms' chosen rows (on validation); the gain is LLRD's
-    over plain on the test split, paired by seed (positive = LLRD better, also for losses).
+    (arm ``name``'s) over plain on the test split, paired by seed (positive = LLRD better, also for losses).
+    With ``family`` > 1 arms compared against plain, the conclusion follows the Holm-adjusted p-value
+    ``holm_p`` at level ``1 - confidence`` (the interval printed stays the unadjusted per-arm t-interval).
 
     Example:
         >>> v = verdict({"label": "lr=5e-05", "mean": 0.85}, {"label": "decay=0.8", "mean": 0.87},
@@ -173,11 +229,19 @@ def verdict(
         conclusion = "no spread between seeds to judge from: not a conclusion; run more seeds or a larger test set"
     elif ci["low"] is None:
         interval, excludes, conclusion = f"no interval ({what}: needs at least 2)", False, "too few seeds to tell"
+    elif family > 1:
+        interval = f"{what} [{ci['low']:+.4f}, {ci['high']:+.4f}] (unadjusted)"
+        alpha = 1 - confidence
+        excludes = holm_p is not None and holm_p < alpha
+        side = f"{name} better" if ci["mean"] > 0 else "plain better"
+        conclusion = f"Holm-adjusted p {holm_p:.3g} over {family} arms {'<' if excludes else '>='} {alpha:g}: " + (
+            side if excludes else "no difference detected"
+        )
     else:
         interval = f"{what} [{ci['low']:+.4f}, {ci['high']:+.4f}]"
         excludes = ci["low"] > 0 or ci["high"] < 0
         conclusion = (
-            "excludes 0: LLRD better"
+            f"excludes 0: {name} better"
             if ci["low"] > 0
             else "excludes 0: plain better"
             if ci["high"] < 0
@@ -196,12 +260,10 @@ def verdict(
         f"vs the best plain setting ({other['label']})" if llrd_wins else f"the best LLRD setting ({other['label']})"
     )
     line = (
-        f"verdict: {head}; {compared}: test {metric} {mean_llrd:.4f} (LLRD) vs {mean_plain:.4f} (plain), "
+        f"verdict: {head}; {compared}: test {metric} {mean_llrd:.4f} ({name}) vs {mean_plain:.4f} (plain), "
         f"paired gain {gain}, {interval}: {conclusion}."
     )
-    if (
-        excludes and not tie and (ci["low"] > 0) != llrd_wins
-    ):  # validation chose one arm, test clearly favours the other
+    if excludes and not tie and (ci["mean"] > 0) != llrd_wins:  # validation chose one arm, test favours the other
         line += (
             " Validation and test disagree: the arm chosen on validation is worse on test; check that the "
             "validation split resembles the data you care about."
@@ -216,7 +278,63 @@ def verdict(
         "test_llrd": [test_llrd[s] for s in seeds],
         "gain": ci,
         "excludes_zero": excludes,
+        "holm_p": holm_p,
         "line": line,
+    }
+
+
+def compare(
+    chosen: dict[str, dict],
+    records: list[dict],
+    metric: str,
+    greater: bool = True,
+    confidence: float = 0.95,
+) -> dict:
+    """Every arm's chosen setting against plain's, on test, paired by seed: one :func:`verdict` per arm, with
+    Holm's correction over the arms when there are several; the overall ``line`` is the one arm's line, or a
+    head (the best arm on validation) followed by each arm's line.
+
+    Example:
+        >>> compare(chosen, records, "accuracy")["line"]  # doctest: +SKIP
+        'verdict: use layer_decay=0.8, learning_rate=0.0003 (best on validation); ...'
+    """
+    plain = chosen["plain"]
+    others = [arm for arm in chosen if arm != "plain"]
+
+    def tests(row: dict) -> dict[int, float]:
+        return {r["seed"]: r["test"][metric] for r in records
+                if r.get("arm") == row["arm"] and r["setting"] == row["setting"] and r["status"] == "ok"}  # fmt: skip
+
+    sign = 1 if greater else -1
+    raw_p = {}
+    for arm in others:
+        tp, ta = tests(plain), tests(chosen[arm])
+        seeds = sorted(set(tp) & set(ta))
+        raw_p[arm] = paired_interval([sign * (ta[s] - tp[s]) for s in seeds], confidence).get("p")
+    adjusted = holm(raw_p)
+    family = len(others)
+    verdicts = {
+        arm: verdict(plain, chosen[arm], tests(plain), tests(chosen[arm]), metric, greater, confidence,
+                     name="LLRD" if arm == "llrd" else arm, holm_p=adjusted[arm], family=family)
+        for arm in others
+    }  # fmt: skip
+    if family == 1:
+        return {**verdicts[others[0]], "arms": verdicts, "correction": "none (one arm against plain)"}
+    ranked = sorted(chosen.values(), key=lambda r: _key(r["mean"]) if greater else -_key(r["mean"]), reverse=True)
+    best = ranked[0]
+    head = (
+        f"verdict: use {best['label']} ({best['arm']} arm, best on validation of {len(chosen)} arms); each arm "
+        f"against plain on test, Holm's correction over {family} comparisons:"
+    )
+    lines = [head] + [f"  {arm}: {v['line'].removeprefix('verdict: ')}" for arm, v in verdicts.items()]
+    return {
+        "recommended": best["arm"],
+        "best": best["label"],
+        "seeds": sorted(set().union(*(v["seeds"] for v in verdicts.values()))),
+        "arms": verdicts,
+        "correction": f"Holm step-down over {family} arms against plain, family-wise level {1 - confidence:g}",
+        "excludes_zero": any(v["excludes_zero"] for v in verdicts.values()),
+        "line": "\n".join(lines),
     }
 
 
@@ -289,8 +407,8 @@ def markdown(
     if test_rows:
         lines += [
             "",
-            "**Test** (reported once, for the setting each arm chose on validation; each seed re-run with the "
-            "test split):",
+            "**Test** (for the setting each arm chose on validation: the test split evaluated once at the end of "
+            "each of its trials, on the model whose validation score is above):",
             "",
             f"| arm | chosen setting | test {metric} mean ± std | worst – best seed | per seed |",
             "|---|---|---|---|---|",

@@ -1,5 +1,20 @@
-"""One trial of a sweep: its config file, its command line, its own process, and the record it leaves behind
-(``trial.json``), which a resumed sweep reads instead of running the trial again."""
+"""One trial of a sweep: its config file, its command line, its own process (which dies with its worker), and
+the record it leaves behind: validation evaluations during training and the test split's scores, evaluated once
+at its end on the same model (``test_results.json``). The record goes to the sweep's storage (``store.py``) and,
+for people, to ``trial.json`` in the trial's folder.
+
+The contract of a trial script (``--script``): it is run as ``python SCRIPT CONFIG.json`` (or ``LAUNCHER...
+SCRIPT CONFIG.json``), CONFIG.json holding every setting as a flat JSON object (the recipe config, the setting,
+``seed``, ``output_dir`` and the data: ``train_file``/``validation_file``/``test_file`` or ``train_dir``/...);
+it writes into ``output_dir``:
+
+- ``trainer_state.json`` whose ``log_history`` has entries with ``step`` and ``eval_<metric>`` (what Trainer's
+  ``save_state()`` writes when it evaluates during training), and
+- ``test_results.json`` with ``test_<metric>``, the test split evaluated once after training in the same process
+  (``trainer.evaluate(test, metric_key_prefix="test")`` then ``trainer.save_metrics("test", metrics)``),
+
+and exits 0; on a failure it exits non-zero, ideally with an ``error: ...`` line (the sweep records it).
+"""
 
 from __future__ import annotations
 
@@ -17,59 +32,62 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .grid import is_plain, llrd_only_fields, slug
+from .grid import llrd_only_fields, slug
 
 logger = logging.getLogger("llrd.sweep")
 
 RECORD = "trial.json"
-_UNHASHED: set[str] = set()  # reused records without a script hash (warned about once)
 # keys of an eval log entry that describe speed, not quality
 _TIMING = ("runtime", "samples_per_second", "steps_per_second")
-# config keys a trial never inherits: test data is for the test phase only, Hub data could bring its own test
-_DROPPED = ("dataset_name", "dataset_config_name", "test_file")
+# config keys a trial never inherits: the sweep gives every trial its data; Hub data could bring its own splits
+_DROPPED = ("dataset_name", "dataset_config_name", "test_file", "test_dir")
+GUARD = Path(__file__).with_name("guard.py")
 
 
 @dataclass
 class Trial:
-    """A setting trained with one seed; ``phase`` is "tune" (validation only) or "test" (adds the test split).
+    """One attempt at a setting of an arm with one seed; ``number`` is its optuna trial number (a rerun gets a
+    new one, so a fresh folder).
 
     Example:
-        >>> Trial("tune", {"layer_decay": 0.8}, 2).id
-        'tune/layer_decay-0.8__seed-2'
+        >>> t = Trial("llrd", {"layer_decay": 0.8}, 2, 7)
+        >>> t.id, t.folder
+        ('layer_decay-0.8__seed-2', 'layer_decay-0.8__seed-2/trial-7')
     """
 
-    phase: str
+    arm: str
     setting: dict[str, Any]
     seed: int
+    number: int = 0
 
     @property
     def id(self) -> str:
-        return f"{self.phase}/{slug(self.setting)}__seed-{self.seed}"
+        return f"{slug(self.setting)}__seed-{self.seed}"
+
+    @property
+    def folder(self) -> str:
+        return f"{self.id}/trial-{self.number}"
 
 
 def trial_config(base: dict, trial: Trial, out_dir: Path, files: dict[str, dict]) -> dict:
-    """The recipe config of one trial: the base config, the setting, the seed, the sweep's data files, no
-    checkpoints; the test file only in the test phase. A plain-arm trial drops the config's LLRD settings
-    (``head_lr_scale``, ``reinit_top_blocks``, ...), so "plain" means Trainer's own fine-tuning.
+    """The recipe config of one trial: the base config, the setting, the seed, the sweep's data (train,
+    validation and test: the test split is evaluated once, after training), no checkpoints. A plain-arm trial
+    drops the config's LLRD settings (``head_lr_scale``, ``reinit_top_blocks``, ...), so "plain" means
+    Trainer's own fine-tuning.
 
     Example:
-        >>> files = {s: {"path": f"/d/{s}.csv"} for s in ("train", "validation", "test")}
-        >>> trial_config({"max_steps": 9}, Trial("tune", {"layer_decay": 0.8}, 1), Path("/o"), files)["seed"]
-        1
+        >>> files = {s: {"key": f"{s}_file", "path": f"/d/{s}.csv"} for s in ("train", "validation", "test")}
+        >>> cfg = trial_config({"max_steps": 9}, Trial("llrd", {"layer_decay": 0.8}, 1, 3), Path("/o"), files)
+        >>> cfg["seed"], cfg["test_file"], cfg["output_dir"]
+        (1, '/d/test.csv', '/o/trials/layer_decay-0.8__seed-1/trial-3')
     """
     cfg = {k: v for k, v in base.items() if k not in _DROPPED}
-    if is_plain(trial.setting):  # plain fine-tuning: no LLRD setting of the config applies
+    if trial.arm == "plain":  # plain fine-tuning: no LLRD setting of the config applies
         cfg = {k: v for k, v in cfg.items() if k not in llrd_only_fields()}
     cfg.update(trial.setting)
-    cfg.update(
-        seed=trial.seed,
-        output_dir=str(Path(out_dir) / "trials" / trial.id),
-        train_file=files["train"]["path"],
-        validation_file=files["validation"]["path"],
-        save_strategy="no",
-    )
-    if trial.phase == "test":
-        cfg["test_file"] = files["test"]["path"]
+    cfg.update(seed=trial.seed, output_dir=str(Path(out_dir) / "trials" / trial.folder), save_strategy="no")
+    for info in files.values():
+        cfg[info["key"]] = info["path"]
     cfg.setdefault("disable_tqdm", True)
     return cfg
 
@@ -101,74 +119,6 @@ def script_digest(script: str) -> str | None:
     if common.is_file() and common != path:
         h.update(common.read_bytes())
     return h.hexdigest()[:16]
-
-
-def fingerprint(cfg: dict, script: str, launcher: list[str] | None, files: dict[str, dict], phase: str) -> dict:
-    """What must be equal for a finished trial to be reused: config, script (path and content), launcher and
-    the contents of the data splits this trial reads (a tuning trial never reads the test split, so a new
-    ``--test_size`` keeps the tuning trials)."""
-    used = ("train", "validation", "test") if phase == "test" else ("train", "validation")
-    data = {split: info["sha"] for split, info in files.items() if split in used}
-    fp = {"config": cfg, "script": script, "script_sha": script_digest(script), "launcher": launcher or []}
-    return json.loads(json.dumps({**fp, "data": data}))
-
-
-def _difference(old: dict, new: dict, where: str = "") -> str:
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            if a != b:
-                return _difference(a, b, f"{where}{key}.")
-        elif a != b:
-            return f"{where}{key}: {a!r} there, {b!r} now"
-    return "no difference"
-
-
-def reset_warnings() -> None:
-    """Forget which records were warned about (once per sweep)."""
-    _UNHASHED.clear()
-
-
-def _comparable(old: dict, expected: dict, trial_dir: Path) -> dict:
-    """``old`` reduced to what ``expected`` checks: the data splits this trial reads; a record written before
-    llrd hashed the script's content (no ``script_sha``) is compared without it, with a warning."""
-    old = {**old, "data": {k: v for k, v in (old.get("data") or {}).items() if k in expected["data"]}}
-    if old.get("script_sha") is None or expected.get("script_sha") is None:  # unknown on one side: not compared
-        if "script_sha" in old:
-            old["script_sha"] = expected["script_sha"]
-    if "script_sha" not in old:
-        if not _UNHASHED:
-            logger.warning(
-                "%s (and maybe others): recorded before llrd hashed the script's content; reused without that check",
-                trial_dir,
-            )
-        _UNHASHED.add(str(trial_dir))
-        old["script_sha"] = expected["script_sha"]
-    return old
-
-
-def load_record(trial_dir: Path, expected: dict) -> dict | None:
-    """The finished record of a trial, or None when it must (re)run (never run, interrupted or failed).
-
-    Raises ValueError when the trial finished with other settings than this sweep would give it.
-    """
-    path = Path(trial_dir) / RECORD
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    if record.get("status") != "ok":
-        return None
-    old = _comparable(record.get("fingerprint") or {}, expected, trial_dir)
-    if old != expected:
-        raise ValueError(
-            f"{trial_dir} finished with other settings than this sweep gives it "
-            f"({_difference(old, expected)}); use another --output_dir, or delete that folder to run it again "
-            "(for a changed test split or script: every folder under trials/test/, or trials/ entirely)"
-        )
-    return record
 
 
 def failure_line(log: str, returncode: int) -> str:
@@ -204,7 +154,7 @@ def with_metric(record: dict, metric: str) -> dict:
     if not evals:
         keys = sorted({k for e in record.get("evals", []) for k in e if k != "step"})
         raise ValueError(f"trial {record.get('id')} has no eval_{metric} (its metrics: {keys}); set --metric to one")
-    if record.get("phase") == "test" and metric not in record.get("test", {}):
+    if "test" in record and metric not in record["test"]:
         raise ValueError(f"trial {record.get('id')} has no test_{metric}; set --metric to one it logged")
     out = {**record, "curve": [[e["step"], e[metric]] for e in evals], "final": evals[-1][metric]}
     pairs = (("eval", out["final"]), ("test", (record.get("test") or {}).get(metric)))
@@ -214,8 +164,8 @@ def with_metric(record: dict, metric: str) -> dict:
     return out
 
 
-def read_outputs(trial_dir: Path, metric: str, phase: str) -> dict:
-    """Per-eval metrics from ``trainer_state.json`` and, in the test phase, ``test_results.json``."""
+def read_outputs(trial_dir: Path, metric: str) -> dict:
+    """Per-eval metrics from ``trainer_state.json`` and the test scores from ``test_results.json``."""
     state_path = Path(trial_dir) / "trainer_state.json"
     if not state_path.is_file():
         raise ValueError(f"the script wrote no {state_path.name} in {trial_dir}")
@@ -228,14 +178,15 @@ def read_outputs(trial_dir: Path, metric: str, phase: str) -> dict:
     if not any(metric in e for e in evals):
         keys = sorted({k for h in history for k in h if k.startswith("eval_")})
         raise ValueError(f"no eval_{metric} in {state_path} (eval keys: {keys}); set --metric to one of them")
-    out: dict[str, Any] = {"evals": evals}
-    if phase == "test":
-        test_path = Path(trial_dir) / "test_results.json"
-        test = json.loads(test_path.read_text()) if test_path.is_file() else {}
-        if f"test_{metric}" not in test:
-            raise ValueError(f"no test_{metric} in {test_path}")
-        out["test"] = {k[5:]: v for k, v in test.items() if k.startswith("test_") and k[5:] not in _TIMING}
-    return out
+    test_path = Path(trial_dir) / "test_results.json"
+    test = json.loads(test_path.read_text()) if test_path.is_file() else {}
+    if f"test_{metric}" not in test:
+        raise ValueError(
+            f"no test_{metric} in {test_path}: the script must evaluate the test split once after training and "
+            "save it there (trainer.save_metrics('test', trainer.evaluate(test, metric_key_prefix='test')))"
+        )
+    test = {k[5:]: v for k, v in test.items() if k.startswith("test_") and k[5:] not in _TIMING}
+    return {"evals": evals, "test": test}
 
 
 def _drop_weights(trial_dir: Path) -> None:
@@ -246,13 +197,17 @@ def _drop_weights(trial_dir: Path) -> None:
             path.unlink()
 
 
-def _run_process(cmd: list[str], log_path: Path, cwd: Path, timeout: float | None) -> int:
-    """Run ``cmd`` in its own process group (a launcher's workers included), output to ``log_path``; on a
-    timeout or Ctrl-C the whole group is killed."""
-    env = {**os.environ}
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+def _run_process(cmd: list[str], log_path: Path, cwd: Path, timeout: float | None, env: dict | None = None) -> int:
+    """Run ``cmd`` under ``guard.py`` in its own process group (a launcher's workers included), output to
+    ``log_path``; the group is killed on a timeout, on Ctrl-C, when the command ends, and (by the guard) when
+    this worker dies."""
+    run_env = {**os.environ, **(env or {})}
+    run_env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    guarded = [sys.executable, str(GUARD), str(os.getpid()), *cmd]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            guarded, cwd=cwd, env=run_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             return proc.wait(timeout=timeout)
         except BaseException:
@@ -273,28 +228,30 @@ def _kill_group(pgid: int) -> None:
 def run_trial(
     trial: Trial,
     cfg: dict,
-    expected: dict,
     cmd_prefix: tuple[str, list[str] | None],
     metric: str,
     timeout: float | None = None,
     keep_models: bool = False,
     cwd: Path | None = None,
+    env: dict | None = None,
 ) -> dict:
-    """Run one trial in its own process and return (and write) its record; a failure is recorded, not raised."""
+    """Run one trial in its own process and return (and write to ``trial.json``) its record; a failure is
+    recorded, not raised. ``env`` adds variables (e.g. ``CUDA_VISIBLE_DEVICES`` of a pinned worker)."""
     from llrd.files import atomic_write_text
 
     trial_dir = Path(cfg["output_dir"])
-    if trial_dir.exists():  # an interrupted or failed attempt: never read its stale outputs
+    if trial_dir.exists():  # never read stale outputs (a folder is one attempt's, so this is a leftover)
         shutil.rmtree(trial_dir)
     trial_dir.mkdir(parents=True)
-    config_path = trial_dir / "config.json"
+    config_path = trial_dir / "trial_config.json"  # not config.json: save_model writes the model config there
     atomic_write_text(config_path, json.dumps(cfg, indent=1))
     script, launcher = cmd_prefix
     cmd = command(script, config_path, launcher)
-    record = {"id": trial.id, "phase": trial.phase, "setting": trial.setting, "seed": trial.seed, "command": cmd}
+    record = {"id": trial.id, "number": trial.number, "arm": trial.arm, "setting": trial.setting, "seed": trial.seed,
+              "folder": str(trial_dir), "command": cmd}  # fmt: skip
     start = time.perf_counter()
     try:
-        rc = _run_process(cmd, trial_dir / "log.txt", Path(cwd or os.getcwd()), timeout)
+        rc = _run_process(cmd, trial_dir / "log.txt", Path(cwd or os.getcwd()), timeout, env)
     except subprocess.TimeoutExpired:
         rc, error = None, f"timed out after {timeout:g} s (--trial_timeout)"
     record["seconds"] = round(time.perf_counter() - start, 1)
@@ -303,15 +260,14 @@ def run_trial(
         error = failure_line(log, rc) if rc != 0 else None
     if error is None:
         try:
-            record.update(read_outputs(trial_dir, metric, trial.phase))
+            record.update(read_outputs(trial_dir, metric))
             record["curve"] = [[e["step"], e[metric]] for e in record["evals"] if metric in e]
             record["final"] = record["curve"][-1][1]
-            error = with_metric({**record, "status": "ok"}, metric).get("error")  # diverged: failed on disk too
+            error = with_metric({**record, "status": "ok"}, metric).get("error")  # diverged: failed
         except (ValueError, KeyError, json.JSONDecodeError) as err:
             error = f"{type(err).__name__}: {err}"
     record["status"] = "failed" if error else "ok"
     record["error"] = error
-    record["fingerprint"] = expected
     if not keep_models:
         _drop_weights(trial_dir)
     atomic_write_text(trial_dir / RECORD, json.dumps(record, indent=1))
