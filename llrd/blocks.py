@@ -3,23 +3,29 @@
 Two finders, both returning ``{stack key: [block, ...]}`` where a block is a tuple of module paths (one
 module, or the i-th elements of parallel lists such as XLM's ``attentions`` / ``ffns``):
 
-* :func:`structural_blocks` (llrd 0.1, ``depth_source="structure"`` and the fallback): the innermost
+* :func:`structural_blocks` (no trace: ``depth_source="structure"`` and the fallback): the innermost
   ``GradientCheckpointingLayer`` instances, else the children of the innermost list of same-class modules;
   blocks under one outermost list form one stack.
 * :func:`traced_blocks`: every candidate list of the module tree (lists of transformers layers or of
-  same-class modules; sibling lists of equal length that the forward pass visits index by index form one
-  list), arranged in nesting levels (Swin stages, then the blocks inside them). It picks, for each outermost
-  list, the level (or none) such that the block count equals the config's (``num_hidden_layers``,
-  ``depths``, encoder + decoder layers, the sum over sub-configs), preferring transformers' own layer
-  marking and then the most parameters. Blocks are ordered as the forward pass runs them.
+  same-class modules; a list of lists, as Funnel groups its layers by index; sibling lists of equal length that
+  the forward pass visits index by index form one list, each such group under its own key), arranged in
+  nesting levels (Swin stages, then the blocks inside them). Each list belongs to its innermost config tower
+  (:func:`config_towers`: the model, or a module holding another config: a vision/text/audio tower, a
+  backbone, a DETR decoder). Per tower, it picks for each outermost list the level (or none) such that the
+  block count equals one the tower's config declares (``num_hidden_layers``, ``depths``, encoder + decoder
+  layers; for the model itself, without the sub-configs that towers of their own build), preferring
+  transformers' own layer marking and then the most parameters. A coincidental sum never joins towers: a
+  tower that matches no count keeps its innermost layers, and lists of the model's own that match nothing
+  are no stack once some tower matched. Blocks are ordered as the forward pass runs them.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -49,6 +55,10 @@ class Blocks:
 
     stacks: dict[str, list[Block]]
     note: str = ""
+    #: how the count was checked: "config", "mismatch", "shared weights", "no count", "block_pattern", "structure"
+    check: str = "structure"
+    #: stack key -> path of the innermost config tower holding it ("": the model)
+    towers: dict[str, str] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -134,27 +144,94 @@ class _List:
 
 
 def traced_blocks(modules: dict[str, nn.Module], trace: Trace, config: Any, spec: BlockSpec = None) -> Blocks:
-    """Blocks of a meta twin (``modules``: its ``named_modules``, clean paths) chosen with its trace."""
+    """Blocks of a meta twin (``modules``: its ``named_modules``, clean paths) chosen with its trace, tower by
+    tower: each list is checked against the layer counts of the innermost config tower that holds it."""
     first = first_starts(trace)
     if spec is not None:
         found = structural_blocks(modules, spec)
-        return Blocks({k: _in_run_order(v, first) for k, v in found.stacks.items()}, "blocks from block_pattern")
+        stacks = {k: _in_run_order(v, first) for k, v in found.stacks.items()}
+        return Blocks(stacks, "blocks from block_pattern", "block_pattern")
     lists = _candidates(modules, first)
     levels = _levels(lists)
     params: dict[str, int] = {}  # module path -> parameters below it, in one pass over the parameters
     for name, param in modules[""].named_parameters():
         for anc in ancestors(name.rpartition(".")[0]):
             params[anc] = params.get(anc, 0) + param.numel()
-    options = {root: [_score(level, params) for level in by_depth] for root, by_depth in levels.items()}
-    targets = expected_layers(config)
-    for target in targets:
-        chosen = _pick(options, target)
-        if chosen is not None:
-            stacks = {root: _in_run_order(units, first) for root, units in chosen.items()}
-            return Blocks(stacks, f"{target} blocks, as the config declares")
-    stacks = {root: _in_run_order(units, first) for root, units in _innermost_levels(levels).items()}
+    towers = config_towers(modules, config)
+    targets = {path: _tower_targets(cfg, path, towers) for path, cfg in towers.items()}
+    by_tower: dict[str, dict[str, list]] = {}  # tower -> root list -> its levels' scores
+    for root, by_depth in levels.items():
+        member = by_depth[0][0].units[0][0]
+        tower = next(t for t in ancestors(member) if t in towers and (targets[t] or t == ""))
+        by_tower.setdefault(tower, {})[root] = [_score(level, params) for level in by_depth]
+    chosen: dict[str, list[Block]] = {}
+    notes, unmatched = [], []
+    for tower, options in by_tower.items():
+        matches = [(t, *p) for t in targets[tower] if (p := _pick(options, t)) is not None]
+        if tower:  # a tower: the count that covers most of its lists, then transformers' layers (T5Stack's 6
+            matches = sorted(matches, key=lambda m: (-len(m[1]), -m[2][0], -m[2][1]))[:1]  # blocks, not 12 sublayers)
+        picked = matches[0][:2] if matches else None
+        label = f"{tower} ({type(towers[tower]).__name__})" if tower else "the model"
+        if picked is not None:
+            chosen |= picked[1]
+            part = "" if picked[0] == targets[tower][0] else f" (of the {targets[tower][0]} layers it declares)"
+            notes.append(f"{label}: {picked[0]} blocks, as its config declares{part}")
+        elif tower and targets[tower]:  # a tower whose count matches no level: its innermost layers
+            chosen |= _innermost_levels({r: levels[r] for r in options})
+            unmatched.append(tower)
+    built = ", ".join(n for n in _unbuilt(config, towers))
+    tail = f"; sub-configs not built by the class: {built}" if built else ""
+    if chosen and not unmatched:
+        order = list(levels)
+        stacks = {r: _in_run_order(chosen[r], first) for r in sorted(chosen, key=order.index)}
+        return Blocks(stacks, "; ".join(notes) + tail, "config", _tower_of(stacks, towers))
+    if not chosen:
+        chosen = _innermost_levels(levels)
+    order = list(levels)
+    stacks = {r: _in_run_order(chosen[r], first) for r in sorted(chosen, key=order.index)}
     found = sum(len(u) for u in stacks.values())
-    return Blocks(stacks, _mismatch(found, targets, stacks, trace))
+    flat = [t for tower in by_tower for t in targets[tower]]
+    note, check = _mismatch(found, flat, stacks, trace)
+    return Blocks(stacks, note + tail, check, _tower_of(stacks, towers))
+
+
+def config_towers(modules: dict[str, nn.Module], config: Any) -> dict[str, Any]:
+    """Module path -> config: ``""`` for the model, and the outermost module holding each other config (a
+    vision/text/audio tower, a backbone, cross-modal layers built from a sub-config)."""
+    from transformers import PretrainedConfig
+
+    towers: dict[str, Any] = {"": config}
+    seen = {id(config)}
+    for path, module in modules.items():
+        cfg = module.__dict__.get("config")
+        if path and isinstance(cfg, PretrainedConfig) and id(cfg) not in seen:
+            seen.add(id(cfg))
+            towers[path] = cfg
+    return towers
+
+
+def _tower_targets(config: Any, path: str, towers: dict[str, Any]) -> list[int]:
+    """Block counts a tower may have: its config's; for a tower with towers inside (the model, a vision tower
+    around a backbone), without the sub-configs that those towers build."""
+    if not any(p != path and inside(p, path) for p in towers):  # no tower of its own inside
+        found = expected_layers(config)
+        blocks = vars(config).get("num_blocks")  # a sub-config's block count (Phi-4-multimodal's audio encoder)
+        return found or ([blocks] if path and type(blocks) is int and blocks > 0 else [])
+    own, base, decoder = _own_layers(config)
+    rest = [t for sub in _unbuilt(config, towers, objects=True) if (t := _total_layers(sub))]
+    return list(dict.fromkeys(t for t in (own, base, decoder, *_subset_sums(rest)) if t))
+
+
+def _unbuilt(config: Any, towers: dict[str, Any], objects: bool = False) -> list[Any]:
+    """The sub-configs of ``config`` that no module holds (by class: models may copy their sub-configs)."""
+    held = {type(c) for p, c in towers.items() if p}
+    subs = [(k, v) for k, v in vars(config).items() if any(v is s for s in _sub_configs(config))]
+    return [v if objects else k for k, v in subs if type(v) not in held]
+
+
+def _tower_of(stacks: dict[str, list[Block]], towers: dict[str, Any]) -> dict[str, str]:
+    """Stack key -> the innermost config tower holding its blocks."""
+    return {key: next(t for t in ancestors(units[0][0]) if t in towers) for key, units in stacks.items()}
 
 
 def _candidates(modules: dict[str, nn.Module], first: dict[str, int]) -> list[_List]:
@@ -171,7 +248,8 @@ def _candidates(modules: dict[str, nn.Module], first: dict[str, int]) -> list[_L
             continue  # an element without parameters, or one registered elsewhere too (shared)
         kids[path] = [p for p, _ in children]
         marked = all(isinstance(c, GradientCheckpointingLayer) for _, c in children)
-        if marked or not any(_is_torch_layer(type(c)) for _, c in children):  # LeViT mixes two layer classes
+        nested = all(isinstance(c, _LISTS) for _, c in children)  # blocks grouped by index only (Funnel)
+        if marked or nested or not any(_is_torch_layer(type(c)) for _, c in children):  # LeViT mixes 2 classes
             found[path] = _List(path, [(p,) for p in kids[path]], marked)
         else:
             plain[path] = kids[path]
@@ -188,7 +266,11 @@ def _candidates(modules: dict[str, nn.Module], first: dict[str, int]) -> list[_L
             marked = all(found[p].layer_marked for p in paths if p in found)
             for p in paths:
                 found.pop(p, None)
-            found[parent] = _List(parent, units, marked)
+            # several groups under one parent (BridgeTower's cross-modal pairs and link towers) each keep a key
+            prefix = os.path.commonprefix([p.rpartition(".")[2] for p in paths]).strip("_")
+            key = _child(parent, prefix) if prefix and _child(parent, prefix) not in modules else parent
+            key = key if key not in found else _child(parent, paths[0].rpartition(".")[2])
+            found[key] = _List(key, units, marked)
     order = {path: i for i, path in enumerate(modules)}
     lists = sorted(found.values(), key=lambda lst: order[lst.units[0][0]])
     for lst in lists:  # nesting: the innermost other list holding this one
@@ -251,7 +333,8 @@ def _pick(options: dict[str, list[tuple[int, tuple[int, int], list[Block]]]], ta
         best = step
     if target not in best or not best[target][1]:
         return None
-    return {root: options[root][index][2] for root, index in best[target][1].items()}
+    score, picks = best[target]
+    return {root: options[root][index][2] for root, index in picks.items()}, score
 
 
 def _innermost_levels(levels: dict[str, list[list[_List]]]) -> dict[str, list[Block]]:
@@ -272,16 +355,17 @@ def _in_run_order(units: list[Block], first: dict[str, int]) -> list[Block]:
     return sorted(units, key=lambda u: min(first[m] for m in u))
 
 
-def _mismatch(found: int, targets: list[int], stacks: dict[str, list[Block]], trace: Trace) -> str:
+def _mismatch(found: int, targets: list[int], stacks: dict[str, list[Block]], trace: Trace) -> tuple[str, str]:
+    """The note and the check of blocks whose count matches no config count."""
     if not targets:
-        return f"{found} blocks; the config declares no layer count to check them against"
+        return f"{found} blocks; the config declares no layer count to check them against", "no count"
     calls = {trace.calls.get(u[0], 0) for units in stacks.values() for u in units}
     if len(calls) == 1 and (runs := calls.pop()) > 1 and found * runs == targets[0]:
         return (
             f"{found} stored block(s), each run {runs} times ({targets[0]} layers): shared weights (ALBERT), "
             "one depth per stored block"
-        )
-    return f"{found} blocks, but the config declares {' or '.join(map(str, targets))} layers"
+        ), "shared weights"
+    return f"{found} blocks, but the config declares {' or '.join(map(str, targets))} layers", "mismatch"
 
 
 def expected_layers(config: Any) -> list[int]:

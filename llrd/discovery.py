@@ -1,38 +1,37 @@
-"""Where each parameter sits: its stack of blocks and its depth in that stack.
+"""Where each parameter sits: its stack of blocks and its depth in that stack (the public API).
 
-This module is the one place where a parameter's depth is decided. The convention, for a stack of ``L``
-blocks:
+:mod:`llrd.flow` traces one forward pass of a meta-device twin of the model, :mod:`llrd.blocks` finds the
+blocks (each config tower's lists checked against its layer counts) and :mod:`llrd.depth` is the one rule that
+turns them into ``(stack, depth, reason)`` per parameter. Here: the stacks get names, ``depth_overrides``
+apply, and the result becomes a :class:`LayerMap`. Where the model cannot be traced, the module tree alone
+decides and the reason says so; ``depth_source="structure"`` asks for that directly.
 
-* depth ``0``: the stem, everything that feeds the first block (token/position/patch embeddings, cls and
-  mask tokens, relative-position tables shared by all blocks);
-* depth ``i + 1``: block ``i`` (0-based), including anything that runs between block ``i - 1`` and block
-  ``i`` (a Swin patch-merging layer, a SegFormer stage's patch embedding);
-* depth ``L + 1``: everything that runs after the last block (final norm, pooler, classifier, projection
-  heads).
-
-``depth_source="flow"`` (the default) decides from the data flow: :mod:`llrd.flow` runs one forward pass of
-a meta-device twin of the model and records when each module and parameter first runs; :mod:`llrd.blocks`
-picks the blocks whose count matches the config. A parameter inside a block takes the block's depth, except
-a lookup table that only block 0 has (T5's relative-position bias, shared by every block): stem. Any other
-parameter is placed by when it is first used relative to the blocks of its stack. Where the model cannot
-be traced, or a parameter is not reached by the trace, the module-tree rules of llrd 0.1 decide and the
-reason says so. ``depth_source="structure"`` uses those rules alone (checkpoints written by llrd 0.1).
-
-Every :class:`ParamDepth` carries a ``reason``; ``llrd inspect --explain`` prints them. Names are only a
-cross-check and the handle for user overrides.
+Every :class:`ParamDepth` carries a ``reason``; ``llrd inspect --explain`` prints them. Names decide only
+through the user's ``block_pattern`` and ``depth_overrides``.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from torch import nn
 
-from .blocks import Block, Blocks, BlockSpec, ancestors, first_starts, inside, structural_blocks, traced_blocks
-from .blocks import expected_layers as _expected_layers
+from .blocks import (
+    Block,
+    Blocks,
+    BlockSpec,
+    ancestors,
+    config_towers,
+    expected_layers,
+    first_starts,
+    inside,
+    structural_blocks,
+    traced_blocks,
+)
+from .depth import Rule, outside
 from .flow import Trace, TraceError, trace
 from .naming import normalize_name
 
@@ -48,22 +47,6 @@ DEPTH_SOURCES = ("flow", "structure")
 #: ``{regex: depth}``; the regex is searched in the clean parameter name, the depth is an ``int`` or
 #: ``"stem"`` / ``"head"``.
 DepthOverrides = Mapping[str, int | str] | None
-
-# llrd 0.1: parameters that live inside block 0 but are shared by every block of the stack, by name.
-_SHARED_IN_BLOCK = re.compile(r"(?:^|\.)relative_attention_bias\.")
-
-# llrd 0.1: modules that sit beside the blocks, not before them in the module tree, but feed every block.
-# Keyed by the class of the module holding them; value: attribute -> depth (0 = stem, 1 = first block).
-_BESIDE_BLOCKS: dict[str, dict[str, int]] = {
-    "DebertaV2Encoder": {"rel_embeddings": 0, "LayerNorm": 0, "conv": 1},
-    "DebertaEncoder": {"rel_embeddings": 0, "LayerNorm": 0},
-}
-
-# Path segments that name an embedding/stem module (BART ``layernorm_embedding`` sits after the layer list
-# in the module tree but runs before it).
-_STEM_SEGMENT = re.compile(r"(?<!un)embed", re.IGNORECASE)
-# Tokens and position tables registered as bare parameters (``pos_embed``, ``cls_token``, ``mask_token``).
-_STEM_LEAF = re.compile(r"(?<!un)embed|(?:^|_)token$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -114,7 +97,10 @@ class LayerMap(Mapping[str, int]):
     Raw names (with ``module.``, ``_orig_mod.``, ... prefixes) are accepted as keys too. ``source`` is
     ``"flow"``, ``"structure"`` or ``"fallback"`` (flow was asked for, but the model could not be traced);
     ``note`` says how the blocks and the order were found; ``ticks`` maps clean names to when the traced
-    forward pass first used each parameter (empty without a trace).
+    forward pass first used each parameter (empty without a trace); ``check`` says how the block count was
+    checked: ``"config"`` (each tower's count as its config declares), ``"mismatch"``, ``"shared weights"``
+    (ALBERT), ``"no count"``, ``"block_pattern"`` or ``"structure"`` (no trace), with ``"+repeated"`` where
+    blocks run more than once per forward pass.
 
     Example:
         >>> lm = layer_ids(model)            # doctest: +SKIP
@@ -131,6 +117,7 @@ class LayerMap(Mapping[str, int]):
         source: str = "structure",
         note: str = "",
         ticks: dict[str, int] | None = None,
+        check: str = "structure",
     ):
         self.params = params
         self.stacks = stacks
@@ -138,6 +125,7 @@ class LayerMap(Mapping[str, int]):
         self.source = source
         self.note = note
         self.ticks = ticks or {}
+        self.check = check
 
     def info(self, name: str) -> ParamDepth:
         return self.params[self.raw_names.get(name, name)]
@@ -193,27 +181,24 @@ def layer_ids(
         [0, 2, 3]
     """
     if depth_source not in DEPTH_SOURCES:
-        raise ValueError(f"depth_source={depth_source!r}: use 'flow' (default) or 'structure' (llrd 0.1 depths).")
+        raise ValueError(f"depth_source={depth_source!r}: use 'flow' (default) or 'structure' (module tree only).")
     named = list(model.named_parameters())
     _check_flat([n for n, _ in named])
-    placer: _Tree | _Flow | None = None
-    source, note = "structure", "module tree (depth_source='structure', the llrd 0.1 rule)"
     if depth_source == "flow":
         try:
-            placer = _Flow.build(model, trace(model), block_pattern)
-            source, note = "flow", placer.note
+            built = _from_trace(model, trace(model), block_pattern)
         except TraceError as err:
-            source, note = "fallback", f"module tree (fallback: {err})"
+            built = _from_tree(model, block_pattern, f"module tree (fallback: {err})")
             logger.warning("%s: depth from the module tree, not the data flow: %s", type(model).__name__, err)
         except ValueError:
             raise  # llrd's own errors about the user's settings (block_pattern, ...)
         except Exception as err:  # noqa: BLE001 - never crash on a foreign model: fall back, loudly
             why = f"llrd could not use the trace ({type(err).__name__}: {err}); please report this model"
-            source, note = "fallback", f"module tree (fallback: {why})"
+            built = _from_tree(model, block_pattern, f"module tree (fallback: {why})")
             logger.warning("%s: depth from the module tree, not the data flow: %s", type(model).__name__, why)
-    if placer is None:
-        placer = _Tree.build(model, block_pattern, prefix="fallback: " if source == "fallback" else "")
-    stacks = placer.stacks
+    else:
+        built = _from_tree(model, block_pattern, "module tree (depth_source='structure')", "structure")
+    stacks = built.stacks
 
     overrides = [(re.compile(rx), d) for rx, d in (depth_overrides or {}).items()]
     used: set[str] = set()
@@ -222,8 +207,8 @@ def layer_ids(
     ticks: dict[str, int] = {}
     for raw, _ in named:
         clean = normalize_name(raw)
-        stack, depth, reason = placer.place(raw)
-        if isinstance(placer, _Flow) and (tick := placer.tick(raw)) is not None:
+        stack, depth, reason = built.place(raw)
+        if (tick := built.tick(raw)) is not None:
             ticks[clean] = tick
         for rx, value in overrides:
             if rx.search(clean):
@@ -240,7 +225,101 @@ def layer_ids(
             "in clean parameter names (e.g. 'classifier\\.'); list them with "
             "`[n for n, _ in model.named_parameters()]`."
         )
-    return LayerMap(params, stacks, raw_names, source=source, note=note, ticks=ticks)
+    return LayerMap(params, stacks, raw_names, source=built.source, note=built.note, ticks=ticks, check=built.check)
+
+
+@dataclass
+class _Built:
+    """The stacks of one model and the rule that places its parameters (raw names in, twin names inside)."""
+
+    stacks: dict[str, Stack]
+    rule: Rule
+    source: str
+    note: str
+    check: str
+    root: str | None = None  # raw path of the traced model; None: the rule sees raw names
+    outside: Callable[[str], tuple[str, int, str]] | None = None
+
+    def relative(self, raw: str) -> str | None:
+        if self.root is None:
+            return raw
+        if not inside(raw, self.root):
+            return None
+        return normalize_name(raw[len(self.root) + 1 :] if self.root else raw)
+
+    def place(self, raw: str) -> tuple[str, int, str]:
+        rel = self.relative(raw)
+        if rel is None and self.outside is not None:
+            return self.outside(raw)
+        return self.rule.place(rel)
+
+    def tick(self, raw: str) -> int | None:
+        rel = self.relative(raw)
+        return None if rel is None else self.rule.first_use.get(rel)
+
+
+def _from_tree(model: nn.Module, spec: BlockSpec, note: str, source: str = "fallback") -> _Built:
+    """No trace: blocks and depths from the module tree (raw paths)."""
+    modules = dict(model.named_modules())
+    found = structural_blocks(modules, spec)
+    stacks, keys = _make_stacks(found, {}, type(model).__name__)
+    stack_blocks = {name: found.stacks[key] for name, key in keys.items()}
+    model_path, base = _trunk_and_model(modules)
+    hf = modules.get(model_path)
+    towers = config_towers(modules, getattr(hf, "config", None))
+    tower_of = {s: next(t for t in ancestors(b[0][0]) if t in towers) for s, b in stack_blocks.items()}
+    rule = Rule(modules, stack_blocks, tower_of, set(towers), base if base != model_path else "",
+                shared=_shared_tables(model, stack_blocks))  # fmt: skip
+    rule.prefix = "fallback: " if source == "fallback" else ""
+    _cross_check(hf, stacks)
+    return _Built(stacks, rule, source, note, "structure")
+
+
+def _from_trace(model: nn.Module, traced: Trace, spec: BlockSpec) -> _Built:
+    """Blocks chosen with the trace; depths from when each parameter was first used."""
+    twin = traced.twin
+    modules = dict(twin.named_modules())
+    root = traced.root
+    full = {p: normalize_name(f"{root}.{p}" if root and p else root or p) for p in modules}
+    if spec is not None:
+        spec = _on_clean_paths(spec, full)
+        if not any(spec(p, m) for p, m in modules.items() if p):
+            raise TraceError("block_pattern matches no module of the traced transformers model")
+    found = traced_blocks(modules, traced, twin.config, spec)
+    stacks, keys = _make_stacks(found, full, type(model).__name__)
+    stack_blocks = {name: found.stacks[key] for name, key in keys.items()}
+    first = first_starts(traced)
+    spans: dict[str, list[tuple[int, int]] | None] = {}
+    for name, blocks in stack_blocks.items():
+        if all(m in first and m in traced.first_end for b in blocks for m in b):
+            spans[name] = [(min(first[m] for m in b), max(traced.first_end[m] for m in b)) for b in blocks]
+        else:
+            spans[name] = None
+    towers = config_towers(modules, twin.config)
+    tower_of = {name: found.towers.get(key, "") for name, key in keys.items()}
+    base = next((p for p, m in modules.items() if m is getattr(twin, "base_model", twin)), "")
+    rule = Rule(modules, stack_blocks, tower_of, set(towers), base, spans, traced.first_use, first,
+                _shared_tables(twin, stack_blocks))  # fmt: skip
+    note = f"{traced.describe()}; {found.note}"
+    repeated = sum(traced.calls.get(b[0], 0) > 1 for blocks in stack_blocks.values() for b in blocks)
+    if repeated and found.check != "shared weights":
+        note += f"; {repeated} blocks run more than once per forward pass (shared weights or loops)"
+    if found.check == "mismatch":
+        logger.warning("%s: %s", type(model).__name__, found.note)
+    elif found.check == "shared weights":
+        logger.info("%s: %s", type(model).__name__, found.note)
+    raw_names = [n for n, _ in model.named_parameters()]
+    mine = min((i for i, n in enumerate(raw_names) if inside(n, root)), default=0)
+    order = {n: i for i, n in enumerate(raw_names)}
+    everything = dict(model.named_modules())
+    names = list(stacks)
+    head = stacks[names[-1]].num_layers + 1
+
+    def _outside(raw: str) -> tuple[str, int, str]:
+        return outside(everything, raw, order[raw] < mine, names, head)
+
+    check = found.check + ("+repeated" if repeated and found.check != "shared weights" else "")
+    return _Built(stacks, rule, "flow", note, check, root, _outside)
 
 
 def _make_stacks(found: Blocks, full: dict[str, str], model_name: str) -> tuple[dict[str, Stack], dict[str, str]]:
@@ -278,22 +357,6 @@ def _short_names(keys: list[str]) -> list[str]:
     return names if len(set(names)) == len(names) else keys
 
 
-def _towers(stack_blocks: dict[str, list[Block]]) -> dict[str, str]:
-    """Per stack, the highest module that contains its blocks and no other stack's blocks."""
-    towers = {}
-    for stack, own in stack_blocks.items():
-        mine = [m for block in own for m in block]
-        others = [m for s, bs in stack_blocks.items() if s != stack for block in bs for m in block]
-        parts = mine[0].split(".")
-        towers[stack] = mine[0]
-        for i in range(len(parts) - 1, -1, -1):
-            candidate = ".".join(parts[:i])
-            if not all(inside(m, candidate) for m in mine) or any(inside(m, candidate) for m in others):
-                break
-            towers[stack] = candidate
-    return towers
-
-
 def _trunk_and_model(modules: dict[str, nn.Module]) -> tuple[str, str]:
     """Paths of the transformers model inside any wrappers, and of its base model (``model.base_model``)."""
     from transformers import PreTrainedModel
@@ -315,238 +378,12 @@ def _check_flat(names: list[str]) -> None:
         )
 
 
-@dataclass
-class _Tree:
-    """The module tree of one model, with its stacks: decides (stack, depth, reason) by llrd 0.1's rules."""
-
-    modules: dict[str, nn.Module]
-    order: dict[str, int]  # module path -> position in `named_modules()`
-    stack_blocks: dict[str, list[Block]]  # stack -> block member paths
-    towers: dict[str, str]  # stack -> highest module holding only that stack
-    trunk: str  # the base model (`model.base_model`)
-    model_path: str  # the transformers model inside any wrapper
-    stacks: dict[str, Stack]
-    prefix: str = ""  # "fallback: " when flow was asked for
-
-    @classmethod
-    def build(cls, model: nn.Module, spec: BlockSpec, prefix: str = "") -> _Tree:
-        modules = dict(model.named_modules())
-        found = structural_blocks(modules, spec)
-        stacks, keys = _make_stacks(found, {}, type(model).__name__)
-        stack_blocks = {name: found.stacks[key] for name, key in keys.items()}
-        model_path, trunk = _trunk_and_model(modules)
-        order = {p: i for i, p in enumerate(modules)}
-        tree = cls(modules, order, stack_blocks, _towers(stack_blocks), trunk, model_path, stacks, prefix)
-        _cross_check(model, stacks)
-        return tree
-
-    def __post_init__(self) -> None:
-        # member path -> (stack, 1-based depth): blocks never nest, so a path has at most one of them above it
-        self.block_depth = {
-            m: (s, i + 1) for s, blocks in self.stack_blocks.items() for i, b in enumerate(blocks) for m in b
-        }
-
-    def place(self, raw: str) -> tuple[str, int, str]:
-        return self.locate(raw, raw.rpartition(".")[0])
-
-    def locate(self, raw: str, owner: str) -> tuple[str, int, str]:
-        """(stack, depth, reason) of one parameter; see the module docstring for the rules."""
-        stack, depth, why = self._locate(raw, owner)
-        return stack, depth, self.prefix + why
-
-    def _locate(self, raw: str, owner: str) -> tuple[str, int, str]:
-        # 1. inside a block (a lookup per path prefix, so the cost does not grow with the number of blocks)
-        for anc in ancestors(owner):
-            if anc in self.block_depth:
-                stack, depth = self.block_depth[anc]
-                if _SHARED_IN_BLOCK.search(raw):
-                    return stack, 0, f"named relative_attention_bias, in block {depth - 1} -> shared table -> stem"
-                return stack, depth, f"in block {depth - 1}"
-        stack = self.stack_of(raw, owner)
-        blocks = self.stack_blocks[stack]
-        head = len(blocks) + 1
-        # 2. task heads outside the base model (XLM-R registers its classifier before the encoder)
-        if self.trunk != self.model_path and not inside(owner, self.trunk):
-            return stack, head, "outside the base model (a task head) -> head"
-        # 3. shared inputs that sit beside the blocks
-        for anc in ancestors(owner):
-            table = _BESIDE_BLOCKS.get(type(self.modules[anc]).__name__) if anc in self.modules else None
-            attr = (raw[len(anc) + 1 :] if anc else raw).split(".")[0]
-            if table and attr in table:
-                return stack, table[attr], f"{attr} of {type(self.modules[anc]).__name__} feeds every block"
-        # 4. embeddings, wherever they are registered
-        if _is_stem(raw, owner, self.modules, self.trunk):
-            return stack, 0, "an embedding or token (by type or name) -> stem"
-        # 5. position in the module tree relative to this stack's blocks
-        if any(inside(m, owner) for b in blocks for m in b):
-            return stack, head, "a direct parameter of a module holding the blocks -> head"
-        position = self.order.get(owner, 0)
-        for index, block in enumerate(blocks):
-            if position < min(self.order[m] for m in block):  # the stem, or a downsampling layer feeding it
-                if index == 0:
-                    return stack, 0, "registered before the blocks -> stem"
-                return stack, index + 1, f"registered between block {index - 1} and block {index} -> block {index}"
-        return stack, head, "registered after the blocks -> head"
-
-    def stack_of(self, raw: str, owner: str) -> str:
-        """The stack whose tower holds the parameter; else the one it names; else the one it follows."""
-        names = list(self.stack_blocks)
-        for stack in names:
-            if self.towers[stack] and inside(raw, self.towers[stack]):
-                return stack
-        if len(names) == 1:
-            return names[0]
-        tokens = set(re.split(r"[._]", normalize_name(raw).lower()))
-        for stack in names:
-            if re.split(r"[._]", stack.lower())[0] in tokens:
-                return stack
-        if not owner:
-            return names[-1]
-        position = self.order.get(owner, 0)
-        before = [s for s in names if min(self.order[m] for m in self.stack_blocks[s][0]) <= position]
-        return before[-1] if before else names[0]
-
-
-@dataclass
-class _Flow:
-    """Depths from a trace: block membership, shared tables, then when a parameter is first used."""
-
-    trace: Trace
-    tree: _Tree  # llrd 0.1 rules on the twin, for what the trace did not reach
-    stacks: dict[str, Stack]
-    spans: dict[str, list[tuple[int, int]] | None]  # stack -> (first start, last end) per block; None: not run
-    shared: set[str]  # twin parameter names: lookup tables only block 0 of a stack has
-    first_inside: int  # position in named_parameters() of the traced model's first parameter
-    raw_order: dict[str, int]  # raw parameter name -> position in named_parameters()
-    note: str
-
-    @classmethod
-    def build(cls, model: nn.Module, traced: Trace, spec: BlockSpec) -> _Flow:
-        twin = traced.twin
-        modules = dict(twin.named_modules())
-        root = traced.root
-        full = {p: normalize_name(f"{root}.{p}" if root and p else root or p) for p in modules}
-        if spec is not None:
-            spec = _on_clean_paths(spec, full)
-            if not any(spec(p, m) for p, m in modules.items() if p):
-                raise TraceError("block_pattern matches no module of the traced transformers model")
-        found = traced_blocks(modules, traced, twin.config, spec)
-        stacks, keys = _make_stacks(found, full, type(model).__name__)
-        stack_blocks = {name: found.stacks[key] for name, key in keys.items()}
-        order = {p: i for i, p in enumerate(modules)}
-        trunk = next((p for p, m in modules.items() if m is getattr(twin, "base_model", twin)), "")
-        tree = _Tree(modules, order, stack_blocks, _towers(stack_blocks), trunk, "", stacks, "fallback: ")
-        first = first_starts(traced)
-        spans: dict[str, list[tuple[int, int]] | None] = {}
-        for name, blocks in stack_blocks.items():
-            if all(m in first and m in traced.end for b in blocks for m in b):
-                spans[name] = [(min(first[m] for m in b), max(traced.end[m] for m in b)) for b in blocks]
-            else:
-                spans[name] = None
-        raw_names = [n for n, _ in model.named_parameters()]
-        mine = [i for i, n in enumerate(raw_names) if inside(n, root)]
-        note = f"{traced.describe()}; {found.note}"
-        repeated = sum(traced.calls.get(b[0], 0) > 1 for blocks in stack_blocks.values() for b in blocks)
-        if repeated and "shared weights" not in found.note:
-            note += f"; {repeated} blocks run more than once per forward pass (shared weights or loops)"
-        if "but the config declares" in found.note:
-            logger.warning("%s: %s", type(model).__name__, found.note)
-        elif "shared weights" in found.note:
-            logger.info("%s: %s", type(model).__name__, found.note)
-        return cls(
-            traced,
-            tree,
-            stacks,
-            spans,
-            _shared_tables(twin, stack_blocks),
-            min(mine, default=0),
-            {n: i for i, n in enumerate(raw_names)},
-            note,
-        )
-
-    def relative(self, raw: str) -> str | None:
-        """The twin's name for a raw parameter name; ``None`` outside the traced model."""
-        root = self.trace.root
-        if not inside(raw, root):
-            return None
-        return normalize_name(raw[len(root) + 1 :] if root else raw)
-
-    def tick(self, raw: str) -> int | None:
-        rel = self.relative(raw)
-        return None if rel is None else self.trace.first_use.get(rel)
-
-    def place(self, raw: str) -> tuple[str, int, str]:
-        rel = self.relative(raw)
-        if rel is None:
-            return self._outside(raw)
-        owner = next(a for a in ancestors(rel.rpartition(".")[0]) if a in self.tree.modules)
-        for anc in ancestors(owner):
-            if anc in self.tree.block_depth:
-                stack, depth = self.tree.block_depth[anc]
-                if rel in self.shared:
-                    return stack, 0, "a lookup table only block 0 has (the other blocks lack it) -> shared -> stem"
-                user = _block_running_at(self.trace.first_use.get(rel), self.spans[stack])
-                if user is not None and user != depth - 1:  # a module shared by several blocks (Zamba2)
-                    return stack, user + 1, f"in block {depth - 1}, but first used by block {user} -> block {user}"
-                return stack, depth, f"in block {depth - 1}"
-        stack = self.tree.stack_of(rel, owner)
-        spans = self.spans[stack]
-        tick, what = self.trace.first_use.get(rel), "used"
-        if tick is None and owner in self.trace.start and not self._holds_blocks(owner):
-            tick, what = self.trace.start[owner], "its module runs"
-        if spans is None or tick is None:
-            why = "not reached by the traced forward pass" if tick is None else f"stack {stack} did not run"
-            stack, depth, rule = self.tree.locate(rel, owner)
-            return stack, depth, f"{rule} ({why})"
-        return (stack, *_by_time(tick, spans, what))
-
-    def _holds_blocks(self, path: str) -> bool:
-        return any(inside(member, path) for member in self.tree.block_depth)
-
-    def _outside(self, raw: str) -> tuple[str, int, str]:
-        """A parameter of a wrapper around the traced model (a PEFT prompt encoder, a SentenceTransformer's
-        Dense layer, a loss module's classifier): the module-tree rules, relative to the whole model."""
-        names = list(self.stacks)
-        clean = normalize_name(raw)
-        if _STEM_LEAF.search(clean.rpartition(".")[2]) or any(_STEM_SEGMENT.search(p) for p in clean.split(".")[:-1]):
-            return names[0], 0, "outside the traced transformers model, an embedding or token by name -> stem"
-        if self.raw_order[raw] < self.first_inside:
-            return names[0], 0, "outside the traced transformers model, registered before it -> stem"
-        head = self.stacks[names[-1]].num_layers + 1
-        return names[-1], head, "outside the traced transformers model, registered after it -> head"
-
-
-def _block_running_at(tick: int | None, spans: list[tuple[int, int]] | None) -> int | None:
-    """Index of the block whose forward pass was running at ``tick`` (the innermost, latest one)."""
-    if tick is None or spans is None:
-        return None
-    inside_ = [i for i, (start, end) in enumerate(spans) if start <= tick <= end]
-    return inside_[-1] if inside_ else None
-
-
 def _on_clean_paths(spec: BlockSpec, full: dict[str, str]):
     """``block_pattern`` sees the clean path in the user's model, not the twin's relative one."""
     if isinstance(spec, str):
         pattern = re.compile(spec)
         return lambda path, module: pattern.fullmatch(full.get(path, path)) is not None
     return lambda path, module: bool(spec(full.get(path, path), module))
-
-
-def _by_time(tick: int, spans: list[tuple[int, int]], what: str) -> tuple[int, str]:
-    """Depth of something first used at ``tick``, given the (start, end) ticks of the blocks of its stack."""
-    last = len(spans) - 1
-    if tick < spans[0][0]:
-        return 0, f"{what} before block 0 -> stem"
-    if tick > spans[-1][1]:
-        return last + 2, f"{what} after block {last}, the last -> head"
-    for index, (start, end) in enumerate(spans):
-        if tick < start:
-            return index + 1, f"{what} between block {index - 1} and block {index} -> block {index}"
-        if tick <= end:
-            if index == 0:
-                return 0, f"{what} inside block 0 but owned outside the blocks -> shared by them -> stem"
-            return index + 1, f"{what} inside block {index} but owned outside the blocks -> block {index}"
-    return last + 2, f"{what} after block {last}, the last -> head"
 
 
 def _shared_tables(twin: nn.Module, stack_blocks: dict[str, list[Block]]) -> set[str]:
@@ -586,25 +423,10 @@ def _override_depth(value: int | str, pattern: str, num_layers: int) -> int:
     )
 
 
-def _is_stem(raw: str, owner: str, modules: dict[str, nn.Module], trunk: str) -> bool:
-    """Embedding modules (by type, class name or attribute name) and root-level tokens below the trunk."""
-    if _STEM_LEAF.search(raw.rpartition(".")[2]):
-        return True
-    for anc in ancestors(owner):
-        if anc == trunk or not inside(anc, trunk):
-            break
-        module = modules.get(anc)
-        if isinstance(module, nn.Embedding) or _STEM_SEGMENT.search(anc.rpartition(".")[2]):
-            return True
-        if module is not None and "Embedding" in type(module).__name__:
-            return True
-    return False
-
-
-def _cross_check(model: nn.Module, stacks: dict[str, Stack]) -> None:
-    """llrd 0.1: compare the blocks found with the config's depth (a log line, not an error)."""
+def _cross_check(model: nn.Module | None, stacks: dict[str, Stack]) -> None:
+    """Without a trace: compare the blocks found with the config's depth (a log line, not an error)."""
     found = sum(s.num_layers for s in stacks.values())
-    expected = _expected_layers(getattr(model, "config", None))
+    expected = expected_layers(getattr(model, "config", None))
     if expected and found not in expected:
         logger.warning(
             "found %d blocks (%s) but the config declares %s layers; models that reuse one set of weights "

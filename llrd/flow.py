@@ -61,6 +61,8 @@ class Trace:
         root: raw path of the traced ``transformers`` model inside the object passed to :func:`trace`.
         start: module path -> tick of its first call.
         end: module path -> tick at which its last call returned.
+        first_end: module path -> tick at which its first call returned (a stack that runs twice, as FLAVA's
+            pre-training runs its towers, is placed by its first run).
         calls: module path -> number of calls.
         first_use: parameter name -> tick of the first operation that read it.
         inputs: names of the inputs that were built.
@@ -73,6 +75,7 @@ class Trace:
     end: dict[str, int] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     first_use: dict[str, int] = field(default_factory=dict)
+    first_end: dict[str, int] = field(default_factory=dict)
     inputs: tuple[str, ...] = ()
     assumed: int = 0
     twin: nn.Module | None = None
@@ -149,7 +152,7 @@ def _other_transformers_model(model: nn.Module, root: str) -> str | None:
 
 def _failure(inputs: dict[str, Any], err: Exception) -> str:
     """``input_ids+attention_mask: ValueError: <first line>``."""
-    names = "+".join(k for k in inputs if k != "use_cache")
+    names = "+".join(k for k in inputs if k not in ("use_cache", "return_loss"))
     return f"{names}: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
 
 
@@ -279,6 +282,8 @@ def _input_sets(twin: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
                 inputs["decoder_input_ids"] = torch.zeros(1, _seq_len(twin.config), dtype=torch.long)
         if "use_cache" in params:
             inputs["use_cache"] = False
+        if "return_loss" in params:  # FLAVA/CLIP-style: a loss needs labels the tracer does not build
+            inputs["return_loss"] = False
         yield inputs
 
 
@@ -302,8 +307,8 @@ def _run(twin: nn.Module, inputs: dict[str, Any]) -> Trace:
             del module.forward
             if own is not None:
                 module.forward = own
-    built = tuple(k for k in inputs if k not in ("use_cache", "attention_mask"))
-    return Trace("", tracer.start, tracer.end, tracer.calls, tracer.first_use, built, tracer.assumed)
+    built = tuple(k for k in inputs if k not in ("use_cache", "attention_mask", "return_loss"))
+    return Trace("", tracer.start, tracer.end, tracer.calls, tracer.first_use, tracer.first_end, built, tracer.assumed)
 
 
 def _list_elements(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -339,6 +344,7 @@ class _Tracer(TorchFunctionMode):
         self.end: dict[str, int] = {}
         self.calls: dict[str, int] = {}
         self.first_use: dict[str, int] = {}
+        self.first_end: dict[str, int] = {}
         self.assumed = 0
         self.tapes: list[list[tuple[str, str]]] = []
         self.memos: dict[Any, tuple[str, list[tuple[str, str]], Any]] = {}
@@ -355,6 +361,7 @@ class _Tracer(TorchFunctionMode):
             self.calls[name] = self.calls.get(name, 0) + 1
         else:
             self.end[name] = self.tick
+            self.first_end.setdefault(name, self.tick)
 
     def on_start(self, path: str, module: nn.Module, args: Any) -> None:
         self.event("start", path)

@@ -37,7 +37,7 @@ from .groups import param_groups, split_by_mesh, summarize_groups
 from .internals import check as check_internals
 from .launch_check import RateCheck
 from .loss_scaling import loss_uses_num_items
-from .manifest import LAYOUT_FILE, LayoutSaver, check_layout, layout_of, read_layout
+from .manifest import LAYOUT_FILE, LayoutSaver, check_layout, layout_of, read_layout, resume_layer_map
 from .monitor import LayerMonitor, depth_key, quiet_console
 from .optim import apply_rate_mapping, check_optimizer
 
@@ -98,6 +98,7 @@ class LLRDMixin:
         self._llrd_driver: StepDriver | None = None
         self._llrd_adaptive: AdaptiveLayerLR | None = None
         self._llrd_resuming = False
+        self._llrd_resume_layout: list[dict[str, Any]] | None = None  # the checkpoint's groups, when resuming
         self._llrd_resume_from: str | None = None
         self._llrd_callbacks: list[Any] = []
         self._llrd_hp_space: Any = None
@@ -131,7 +132,7 @@ class LLRDMixin:
                 depth_source=settings.depth_source,
             )
             self._llrd_map_cache = (module, layer_map)
-        return self._llrd_map_cache[1]
+        return resume_layer_map(self._llrd_map_cache[1], self._llrd_resume_layout)  # resume: the checkpoint's
 
     def _llrd_check_loss_scaling(self) -> None:
         """Trainer's ``num_items_in_batch`` loss path, for a head that takes a plain mean of its loss: warn with
@@ -181,6 +182,7 @@ class LLRDMixin:
         if checkpoint is True:
             checkpoint = get_last_checkpoint(self.args.output_dir)  # None: Trainer raises its own error
         self._llrd_resume_from = str(checkpoint) if self._llrd_resuming and checkpoint else None
+        self._llrd_resume_layout = read_layout(self._llrd_resume_from) if self._llrd_resume_from else None
         try:
             if self.model_init is None:  # else the model is made in call_model_init, prepared there
                 self._llrd_start(self.model)

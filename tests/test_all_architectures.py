@@ -1,8 +1,9 @@
 """Every model type of the installed transformers, built on the meta device from its default config, through
-`layer_ids` + `param_groups`: no crash, every trainable parameter in one group, block counts that match the
-config (or an explained exception), depths that follow the traced order (scripts/sweep_architectures.py).
+`layer_ids` + `param_groups`: no crash, every trainable parameter in one group, block counts that match each
+tower's config (or an explained exception), every built tower a stack, depths that follow the traced order
+(scripts/sweep_architectures.py).
 
-About 150 s of CPU time for ~670 model types on transformers 5.24 (scripts/results/architectures.md).
+About 150 s of CPU time for ~670 model types (scripts/results/architectures.md).
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ def test_every_model_type_of_transformers(tmp_path):
     for model_type in ("opt", "swinv2", "wav2vec2", "umt5", "xlm", "poolformer", "segformer", "vit_mae", "bert"):
         assert status[model_type] == "pass", model_type
     assert status["albert"] == "exception"  # one stored layer, run 12 times
+    # issue 20: every tower its own stack, at the default configs (12-layer towers, 6 cross-modal pairs, ...)
+    blocks = {r["type"]: sorted(r.get("blocks", {}).values()) for r in fresh["types"]}
+    towers = {"git": [6, 12], "bridgetower": [6, 12, 12], "flava": [6, 12, 12], "maskformer": [6, 24],
+              "funnel": [12], "phi4_multimodal": [24, 27, 32], "t5": [6, 6]}  # fmt: skip
+    for model_type, counts in towers.items():
+        assert (status[model_type], blocks[model_type]) == ("pass", counts), model_type
     # the committed table (docs/architectures.md's) is this run's, unless transformers has changed since
     committed = json.loads(COMMITTED.read_text())
     if committed["summary"]["transformers"] == transformers.__version__:

@@ -17,7 +17,7 @@ from torch import nn
 
 from llrd import layer_ids, param_groups
 from llrd.flow import TraceError, trace
-from llrd.manifest import check_layout, layout_of
+from llrd.manifest import check_layout, layout_of, resume_layer_map
 
 LR, DECAY = 1e-3, 0.5
 
@@ -52,22 +52,24 @@ def test_reasons_say_why():
     assert swin.info("swinv2.encoder.layers.0.downsample.reduction.weight").reason == (
         "used between block 1 and block 2 -> block 2"
     )
-    assert "5 blocks, as the config declares" in swin.note
+    assert "5 blocks, as its config declares" in swin.note and swin.check == "config"
 
 
 def test_old_depths_stay_reachable_for_old_checkpoints():
-    """OPT's final norm trained at the embeddings' rate in llrd 0.1; its checkpoints resume with 'structure'."""
+    """OPT's final norm trained at the embeddings' rate under the module-tree rule; a checkpoint of that rule
+    resumes from its own layout (the trainer does this from llrd_layout.json), not from a setting."""
     model = tiny_models.make("opt")
     old = param_groups(model, lr=LR, layer_decay=DECAY, depth_source="structure")
     new = param_groups(model, lr=LR, layer_decay=DECAY)
     lr_old = {n: g["lr"] for g in old for n in g["param_names"]}
     lr_new = {n: g["lr"] for g in new for n in g["param_names"]}
-    assert lr_old["model.decoder.final_layer_norm.weight"] == LR * DECAY**3  # llrd 0.1: depth 0
+    assert lr_old["model.decoder.final_layer_norm.weight"] == LR * DECAY**3  # module tree: depth 0
     assert lr_new["model.decoder.final_layer_norm.weight"] == LR  # data flow: head
-    with pytest.raises(ValueError, match=r"written by llrd 0\.1.*depth_source='structure'"):
+    with pytest.raises(ValueError, match=r"members and depths come from the checkpoint's own layout file"):
         check_layout(layout_of(old), layout_of(new), "checkpoint-10")
-    again = param_groups(model, lr=LR, layer_decay=DECAY, depth_source="structure")
-    check_layout(layout_of(old), layout_of(again), "checkpoint-10")  # the way out: same layout, no error
+    from_layout = resume_layer_map(layer_ids(model), layout_of(old))
+    again = param_groups(model, lr=LR, layer_decay=DECAY, layer_map=from_layout)
+    check_layout(layout_of(old), layout_of(again), "checkpoint-10")  # the way out: the checkpoint's layout
     with pytest.raises(ValueError, match=r"depth_source='trace'.*'flow'.*'structure'"):
         layer_ids(model, depth_source="trace")
 
