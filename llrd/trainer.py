@@ -136,6 +136,8 @@ class LLRDMixin:
         the factor by which gradients and logged losses come out too large, or apply the opt-in fix."""
         if self.model is None or not self.model_accepts_loss_kwargs or self.compute_loss_func is not None:
             return
+        if self.label_smoother is not None or getattr(self, "loss_is_scaled_for_ga", None) is not None:
+            return  # Trainer's label smoother normalises by num_items_in_batch; the subclass said how it scales
         processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
         factor = self.args.gradient_accumulation_steps * processes
         fix = self.llrd_args.fix_loss_scaling

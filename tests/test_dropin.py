@@ -251,6 +251,34 @@ def test_no_loss_scaling_warning_without_accumulation_or_for_a_head_using_num_it
     assert not [r for r in caplog.records if "fix_loss_scaling" in r.getMessage()]
 
 
+class _OwnLossTrainer(LLRDMixin, Trainer):
+    """A subclass that computes its own (mean) loss and says so through Trainer's ``loss_is_scaled_for_ga``."""
+
+    loss_is_scaled_for_ga = False  # Trainer divides it by the accumulation steps itself
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        loss = nn.functional.cross_entropy(outputs["logits"], labels)
+        return (loss, outputs) if return_outputs else loss
+
+
+@pytest.mark.parametrize("case", ["label_smoothing", "loss_is_scaled_for_ga"])
+def test_no_loss_scaling_warning_or_fix_where_trainer_scales_the_loss_itself(case, tmp_path, caplog):
+    """Trainer's label smoother normalises by num_items_in_batch, and a subclass that sets loss_is_scaled_for_ga
+    has said how its loss is scaled: the head's own mean is not what is scaled, so nothing is too large."""
+    bert = tf.BertForSequenceClassification(tf.BertConfig(num_hidden_layers=1, **tiny_models.TEXT))
+    cls, extra = (LLRDTrainer, {"label_smoothing_factor": 0.1}) if case == "label_smoothing" else (_OwnLossTrainer, {})
+    for fix in (False, True):
+        args = LLRDTrainingArguments(
+            tmp_path, gradient_accumulation_steps=4, report_to="none", fix_loss_scaling=fix, **extra
+        )
+        with caplog.at_level(logging.WARNING, logger="llrd"):
+            trainer = cls(model=bert, args=args)
+        assert trainer.model_accepts_loss_kwargs is True  # Trainer's own value, untouched
+    assert not [r for r in caplog.records if "fix_loss_scaling" in r.getMessage()]
+
+
 def test_resume_from_a_checkpoint_matches_trainer(tmp_path):
     common = dict(save_strategy="steps", save_steps=2, max_steps=4)
     for cls in (Trainer, LLRDTrainer):
