@@ -298,17 +298,18 @@ class LLRDMixin:
             optimizer_kwargs.pop("optimizer_dict", None)
             mapping = getattr(self.args, "learning_rate_mapping", None)
         check_optimizer(optimizer_cls, optimizer_kwargs)
+        lr = optimizer_kwargs.get("lr", self.args.learning_rate)  # the head's: Trainer's rate (its kwargs win)
         layer_map = self.llrd_layer_map(target)
-        options = self.llrd_args.group_kwargs(self.args.learning_rate, self.args.weight_decay)
+        options = self.llrd_args.group_kwargs(lr, self.args.weight_decay)
         if self.is_deepspeed_enabled and self.llrd_args.changes_rates:
             options["per_depth"] = True  # ZeRO flattens each group: per-depth norms need per-depth groups
         groups = param_groups(target, layer_map=layer_map, decay_names=self.get_decay_parameter_names, **options)
-        groups = split_by_mesh(apply_rate_mapping(groups, mapping, self.args.learning_rate, layer_map))
+        groups = split_by_mesh(apply_rate_mapping(groups, mapping, lr, layer_map))
         # Trainer's path builds the optimizer: `params` replaces its own groups (after its own mesh split);
         # defaults["lr"] stays the head's rate, as HF's min-lr schedulers divide by it.
         self.optimizer_cls_and_kwargs = (
             optimizer_cls,
-            {**optimizer_kwargs, "params": groups, "lr": self.args.learning_rate},
+            {**optimizer_kwargs, "params": groups, "lr": lr},
         )
         try:
             optimizer = super().create_optimizer(model)

@@ -604,6 +604,16 @@ def test_optimizer_cls_and_kwargs_keeps_its_class_and_kwargs(tmp_path):
     assert trainer.optimizer_cls_and_kwargs is own and own[1] == {"lr": 1e-2, "momentum": 0.9}
 
 
+def test_the_rate_of_optimizer_cls_and_kwargs_is_the_heads_rate_as_under_trainer(tmp_path):
+    own = (torch.optim.SGD, {"lr": 5e-2})  # not args.learning_rate (1e-2): Trainer trains at 5e-2
+    ref = Trainer(model=_bert(), args=TrainingArguments(**base_args(tmp_path)), optimizer_cls_and_kwargs=own)
+    assert {g["lr"] for g in ref.create_optimizer().param_groups} == {5e-2}
+    args = LLRDTrainingArguments(**base_args(tmp_path, layer_decay=0.5))
+    opt = LLRDTrainer(model=_bert(), args=args, optimizer_cls_and_kwargs=own).create_optimizer()
+    assert sorted({g["lr"] for g in opt.param_groups}) == [5e-2 * 0.5**k for k in (3, 2, 1, 0)]
+    assert opt.defaults["lr"] == 5e-2 and own[1] == {"lr": 5e-2}
+
+
 def test_an_optimizer_factory_is_refused_with_llrd_on_and_used_with_llrd_off(tmp_path):
     class Factory:  # Trainer calls Factory()(model, **kwargs) (Muon, Dion)
         def __call__(self, model, **kwargs):
