@@ -447,6 +447,14 @@ def test_resuming_an_llrd_off_checkpoint_with_llrd_on_is_one_line(tmp_path):
         train(LLRDTrainer, tmp_path, _bert, text_data(8), resume=True, layer_decay=0.5, **{**common, "max_steps": 4})
 
 
+def test_an_llrd_off_checkpoint_without_optimizer_state_resumes_with_llrd_on(tmp_path):
+    common = dict(save_strategy="steps", save_steps=2, per_device_train_batch_size=2, save_only_model=True)
+    train(LLRDTrainer, tmp_path, _bert, text_data(8), max_steps=2, **common)
+    assert not any(p.name.startswith("optimizer") for p in (tmp_path / "checkpoint-2").iterdir())
+    resumed = train(LLRDTrainer, tmp_path, _bert, text_data(8), resume=True, layer_decay=0.5, max_steps=4, **common)
+    assert resumed["trainer"].state.global_step == 4 and "checkpoint-4/llrd_layout.json" in resumed["files"]
+
+
 # --- every setting: at its default Trainer, at a non-default value its effect --------------------------------
 def _groups(trainer):
     return trainer.create_optimizer().param_groups
