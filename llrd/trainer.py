@@ -157,12 +157,14 @@ class LLRDMixin:
             logger.warning(
                 "%s averages its own loss and ignores num_items_in_batch, but its forward takes **kwargs: Trainer "
                 "neither divides its loss by gradient_accumulation_steps=%d nor averages it over %d process(es), so "
-                "gradients and logged losses are %dx too large. Pass fix_loss_scaling=True (--fix_loss_scaling) to "
-                "scale it as for any other head.",
+                "gradients and logged losses are %dx too large. Pass %s to scale it as for any other head.",
                 type(inner).__name__,
                 self.args.gradient_accumulation_steps,
                 processes,
                 factor,
+                "fix_loss_scaling=True (--fix_loss_scaling)"
+                if isinstance(self.args, LLRDArguments)
+                else "llrd_args=LLRDArguments(fix_loss_scaling=True)",  # a mixin subclass's own args class
             )
 
     # -- training start: settings of this trial, then the model changes -------------------------------

@@ -211,6 +211,19 @@ def test_gradient_accumulation_of_a_head_that_averages_its_loss_matches_trainer(
     assert ours["trainer"].model_accepts_loss_kwargs is ref["trainer"].model_accepts_loss_kwargs is True
     warned = [r.getMessage() for r in caplog.records if "fix_loss_scaling" in r.getMessage()]
     assert len(warned) == 1 and "2x too large" in warned[0] and "BertForSequenceClassification" in warned[0]
+    assert "fix_loss_scaling=True (--fix_loss_scaling)" in warned[0]
+
+
+def test_the_loss_scaling_warning_of_a_mixin_subclass_names_llrd_args(tmp_path, caplog):
+    class MixinTrainer(LLRDMixin, Trainer):
+        pass
+
+    bert = tf.BertForSequenceClassification(tf.BertConfig(num_hidden_layers=1, **tiny_models.TEXT))
+    with caplog.at_level(logging.WARNING, logger="llrd"):
+        MixinTrainer(model=bert, args=TrainingArguments(tmp_path, gradient_accumulation_steps=4, report_to="none"))
+    warned = [r.getMessage() for r in caplog.records if "fix_loss_scaling" in r.getMessage()]
+    assert len(warned) == 1 and "4x too large" in warned[0]
+    assert "llrd_args=LLRDArguments(fix_loss_scaling=True)" in warned[0]  # its args class has no such field
 
 
 def test_loss_scaling_fix_is_opt_in_and_matches_a_larger_batch(tmp_path, caplog):
