@@ -139,6 +139,8 @@ class LLRDMixin:
         the factor by which gradients and logged losses come out too large, or apply the opt-in fix."""
         if self.model is None or not self.model_accepts_loss_kwargs or self.compute_loss_func is not None:
             return
+        if self.label_smoother is not None or getattr(self, "loss_is_scaled_for_ga", None) is not None:
+            return  # Trainer's label smoother normalises by num_items_in_batch; the subclass said how it scales
         processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
         factor = self.args.gradient_accumulation_steps * processes
         fix = self.llrd_args.fix_loss_scaling
@@ -158,12 +160,14 @@ class LLRDMixin:
             logger.warning(
                 "%s averages its own loss and ignores num_items_in_batch, but its forward takes **kwargs: Trainer "
                 "neither divides its loss by gradient_accumulation_steps=%d nor averages it over %d process(es), so "
-                "gradients and logged losses are %dx too large. Pass fix_loss_scaling=True (--fix_loss_scaling) to "
-                "scale it as for any other head.",
+                "gradients and logged losses are %dx too large. Pass %s to scale it as for any other head.",
                 type(inner).__name__,
                 self.args.gradient_accumulation_steps,
                 processes,
                 factor,
+                "fix_loss_scaling=True (--fix_loss_scaling)"
+                if isinstance(self.args, LLRDArguments)
+                else "llrd_args=LLRDArguments(fix_loss_scaling=True)",  # a mixin subclass's own args class
             )
 
     # -- training start: settings of this trial, then the model changes -------------------------------
@@ -300,17 +304,18 @@ class LLRDMixin:
             optimizer_kwargs.pop("optimizer_dict", None)
             mapping = getattr(self.args, "learning_rate_mapping", None)
         check_optimizer(optimizer_cls, optimizer_kwargs)
+        lr = optimizer_kwargs.get("lr", self.args.learning_rate)  # the head's: Trainer's rate (its kwargs win)
         layer_map = self.llrd_layer_map(target)
-        options = self.llrd_args.group_kwargs(self.args.learning_rate, self.args.weight_decay)
+        options = self.llrd_args.group_kwargs(lr, self.args.weight_decay)
         if self.is_deepspeed_enabled and self.llrd_args.changes_rates:
             options["per_depth"] = True  # ZeRO flattens each group: per-depth norms need per-depth groups
         groups = param_groups(target, layer_map=layer_map, decay_names=self.get_decay_parameter_names, **options)
-        groups = split_by_mesh(apply_rate_mapping(groups, mapping, self.args.learning_rate, layer_map))
+        groups = split_by_mesh(apply_rate_mapping(groups, mapping, lr, layer_map))
         # Trainer's path builds the optimizer: `params` replaces its own groups (after its own mesh split);
         # defaults["lr"] stays the head's rate, as HF's min-lr schedulers divide by it.
         self.optimizer_cls_and_kwargs = (
             optimizer_cls,
-            {**optimizer_kwargs, "params": groups, "lr": self.args.learning_rate},
+            {**optimizer_kwargs, "params": groups, "lr": lr},
         )
         try:
             optimizer = super().create_optimizer(model)

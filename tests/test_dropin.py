@@ -211,6 +211,19 @@ def test_gradient_accumulation_of_a_head_that_averages_its_loss_matches_trainer(
     assert ours["trainer"].model_accepts_loss_kwargs is ref["trainer"].model_accepts_loss_kwargs is True
     warned = [r.getMessage() for r in caplog.records if "fix_loss_scaling" in r.getMessage()]
     assert len(warned) == 1 and "2x too large" in warned[0] and "BertForSequenceClassification" in warned[0]
+    assert "fix_loss_scaling=True (--fix_loss_scaling)" in warned[0]
+
+
+def test_the_loss_scaling_warning_of_a_mixin_subclass_names_llrd_args(tmp_path, caplog):
+    class MixinTrainer(LLRDMixin, Trainer):
+        pass
+
+    bert = tf.BertForSequenceClassification(tf.BertConfig(num_hidden_layers=1, **tiny_models.TEXT))
+    with caplog.at_level(logging.WARNING, logger="llrd"):
+        MixinTrainer(model=bert, args=TrainingArguments(tmp_path, gradient_accumulation_steps=4, report_to="none"))
+    warned = [r.getMessage() for r in caplog.records if "fix_loss_scaling" in r.getMessage()]
+    assert len(warned) == 1 and "4x too large" in warned[0]
+    assert "llrd_args=LLRDArguments(fix_loss_scaling=True)" in warned[0]  # its args class has no such field
 
 
 def test_loss_scaling_fix_is_opt_in_and_matches_a_larger_batch(tmp_path, caplog):
@@ -248,6 +261,34 @@ def test_no_loss_scaling_warning_without_accumulation_or_for_a_head_using_num_it
         LLRDTrainer(model=gpt2, args=TrainingArguments(tmp_path, gradient_accumulation_steps=4, report_to="none"))
         bert = tf.BertForSequenceClassification(tf.BertConfig(num_hidden_layers=1, **tiny_models.TEXT))
         LLRDTrainer(model=bert, args=TrainingArguments(tmp_path, report_to="none"))
+    assert not [r for r in caplog.records if "fix_loss_scaling" in r.getMessage()]
+
+
+class _OwnLossTrainer(LLRDMixin, Trainer):
+    """A subclass that computes its own (mean) loss and says so through Trainer's ``loss_is_scaled_for_ga``."""
+
+    loss_is_scaled_for_ga = False  # Trainer divides it by the accumulation steps itself
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        loss = nn.functional.cross_entropy(outputs["logits"], labels)
+        return (loss, outputs) if return_outputs else loss
+
+
+@pytest.mark.parametrize("case", ["label_smoothing", "loss_is_scaled_for_ga"])
+def test_no_loss_scaling_warning_or_fix_where_trainer_scales_the_loss_itself(case, tmp_path, caplog):
+    """Trainer's label smoother normalises by num_items_in_batch, and a subclass that sets loss_is_scaled_for_ga
+    has said how its loss is scaled: the head's own mean is not what is scaled, so nothing is too large."""
+    bert = tf.BertForSequenceClassification(tf.BertConfig(num_hidden_layers=1, **tiny_models.TEXT))
+    cls, extra = (LLRDTrainer, {"label_smoothing_factor": 0.1}) if case == "label_smoothing" else (_OwnLossTrainer, {})
+    for fix in (False, True):
+        args = LLRDTrainingArguments(
+            tmp_path, gradient_accumulation_steps=4, report_to="none", fix_loss_scaling=fix, **extra
+        )
+        with caplog.at_level(logging.WARNING, logger="llrd"):
+            trainer = cls(model=bert, args=args)
+        assert trainer.model_accepts_loss_kwargs is True  # Trainer's own value, untouched
     assert not [r for r in caplog.records if "fix_loss_scaling" in r.getMessage()]
 
 
@@ -420,6 +461,14 @@ def test_resuming_an_llrd_off_checkpoint_with_llrd_on_is_one_line(tmp_path):
         train(LLRDTrainer, tmp_path, _bert, text_data(8), resume=True, layer_decay=0.5, **{**common, "max_steps": 4})
 
 
+def test_an_llrd_off_checkpoint_without_optimizer_state_resumes_with_llrd_on(tmp_path):
+    common = dict(save_strategy="steps", save_steps=2, per_device_train_batch_size=2, save_only_model=True)
+    train(LLRDTrainer, tmp_path, _bert, text_data(8), max_steps=2, **common)
+    assert not any(p.name.startswith("optimizer") for p in (tmp_path / "checkpoint-2").iterdir())
+    resumed = train(LLRDTrainer, tmp_path, _bert, text_data(8), resume=True, layer_decay=0.5, max_steps=4, **common)
+    assert resumed["trainer"].state.global_step == 4 and "checkpoint-4/llrd_layout.json" in resumed["files"]
+
+
 # --- every setting: at its default Trainer, at a non-default value its effect --------------------------------
 def _groups(trainer):
     return trainer.create_optimizer().param_groups
@@ -575,6 +624,16 @@ def test_optimizer_cls_and_kwargs_keeps_its_class_and_kwargs(tmp_path):
     assert type(opt) is torch.optim.SGD and all(g["momentum"] == 0.9 for g in opt.param_groups)
     assert sorted({g["lr_scale"] for g in opt.param_groups}) == [0.125, 0.25, 0.5, 1.0]
     assert trainer.optimizer_cls_and_kwargs is own and own[1] == {"lr": 1e-2, "momentum": 0.9}
+
+
+def test_the_rate_of_optimizer_cls_and_kwargs_is_the_heads_rate_as_under_trainer(tmp_path):
+    own = (torch.optim.SGD, {"lr": 5e-2})  # not args.learning_rate (1e-2): Trainer trains at 5e-2
+    ref = Trainer(model=_bert(), args=TrainingArguments(**base_args(tmp_path)), optimizer_cls_and_kwargs=own)
+    assert {g["lr"] for g in ref.create_optimizer().param_groups} == {5e-2}
+    args = LLRDTrainingArguments(**base_args(tmp_path, layer_decay=0.5))
+    opt = LLRDTrainer(model=_bert(), args=args, optimizer_cls_and_kwargs=own).create_optimizer()
+    assert sorted({g["lr"] for g in opt.param_groups}) == [5e-2 * 0.5**k for k in (3, 2, 1, 0)]
+    assert opt.defaults["lr"] == 5e-2 and own[1] == {"lr": 5e-2}
 
 
 def test_an_optimizer_factory_is_refused_with_llrd_on_and_used_with_llrd_off(tmp_path):
