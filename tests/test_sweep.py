@@ -798,3 +798,44 @@ def test_the_installed_wheel_runs_a_sweep_from_a_temporary_folder(tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == res["verdict"]["line"]
     log = Path(res["trials"][0]["folder"], "log.txt").read_text()
     assert "done: {" in log
+
+
+def _small_study(tmp_path: Path, keys: int = 2):
+    """An in-process study of ``keys`` (setting, seed) entries on an SQLite file, heartbeat 1 s (stale after 2 s)."""
+    storage = store.open_storage(f"sqlite:///{tmp_path / 'gap.db'}", heartbeat=1)
+    entries = [{"arm": "llrd", "setting": {"layer_decay": 0.8}, "seed": k} for k in range(keys)]
+    study, created = store.join(storage, "gap", {"f": 1}, entries)
+    assert created
+    return study
+
+
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_goes_stale(tmp_path):
+    """A worker that dies right after taking a trial, before its heartbeat thread starts, still leaves a
+    heartbeat (take beats before it marks the trial running), so a live worker fails the trial as stale and
+    enqueues it again; before, optuna never saw it stale (no heartbeat row) and every worker waited forever."""
+    import time
+
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    study = _small_study(tmp_path)
+    storage, beat = study._storage, study._storage.record_heartbeat
+
+    def dies_once_running(trial_id):  # the worker dies once the trial is RUNNING, before that trial's beat
+        if storage.get_trial(trial_id).state.name == "RUNNING":
+            raise SystemExit("killed")
+        beat(trial_id)
+
+    storage.record_heartbeat = dies_once_running
+    with pytest.raises(SystemExit):
+        store.take(study)
+    storage.record_heartbeat = beat
+    (taken,) = study.get_trials(states=[TrialState.RUNNING])
+    time.sleep(2.5)
+    with store.quiet_experimental():
+        fail_stale_trials(study)
+    trials_ = study.get_trials()
+    assert trials_[taken.number].state.name == "FAIL"
+    again = [t for t in trials_ if t.user_attrs.get("requeued_from") == taken.number]
+    assert len(again) == 1 and again[0].state.name == "WAITING"
+

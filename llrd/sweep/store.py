@@ -192,13 +192,17 @@ def requeue(study, trial) -> None:
 
 
 def take(study):
-    """A WAITING trial of ``study``, now RUNNING and this worker's (with its first heartbeat), or None."""
+    """A WAITING trial of ``study``, now RUNNING and this worker's (with its first heartbeat), or None.
+
+    It beats once before it marks the trial RUNNING: a worker dying between the two leaves a heartbeat that goes
+    stale (optuna never fails a RUNNING trial that has none, and every worker would wait for it forever)."""
     from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
     from optuna.trial import TrialState
 
     storage = study._storage
     for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         try:
+            storage.record_heartbeat(trial._trial_id)
             if storage.set_trial_state_values(trial._trial_id, TrialState.RUNNING):
                 storage.record_heartbeat(trial._trial_id)
                 return storage.get_trial(trial._trial_id)
