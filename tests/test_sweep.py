@@ -839,3 +839,31 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_goes_stale(tmp_pat
     again = [t for t in trials_ if t.user_attrs.get("requeued_from") == taken.number]
     assert len(again) == 1 and again[0].state.name == "WAITING"
 
+
+def test_a_stale_trial_whose_marker_died_before_requeueing_is_enqueued_again_once(tmp_path):
+    """A trial failed as stale whose failing worker died before enqueueing it again (no record, no waiting,
+    running or complete attempt of its (setting, seed)) is enqueued again by a live worker once it is older than
+    the grace period; meanwhile the sweep counts it as pending, not done. Two workers doing so at once enqueue it
+    twice, and the later copy is dropped when taken: its (setting, seed) runs once."""
+    import time
+
+    from optuna.trial import TrialState
+
+    study = _small_study(tmp_path)
+    taken = store.take(study)
+    study._storage.set_trial_state_values(taken._trial_id, TrialState.FAIL)  # failed as stale; the marker dies
+    now = store.state(study)
+    assert now["waiting"] == 1 and now["pending"] == 1  # not done: the lost (setting, seed) is still owed
+    assert store.requeue_orphans(study, grace=60) == 0  # too young: its marker may still be re-queueing it
+    time.sleep(1.2)
+    assert store.requeue_orphans(study, grace=1) == 1
+    assert store.requeue_orphans(study, grace=1) == 0  # a waiting attempt now exists
+    store.requeue(study, study.get_trials()[taken.number])  # a second worker did the same at the same time
+    runs = []
+    while (trial := store.take(study)) is not None:
+        runs.append(trial.user_attrs["key"])
+        store.finish(study, trial, {"status": "ok", "final": 0.5})
+    assert sorted(runs) == sorted({t.user_attrs["key"] for t in study.get_trials()})  # each key ran once
+    now = store.state(study)
+    assert now["waiting"] == now["running"] == now["pending"] == 0 and len(now["records"]) == 2
+    assert now["duplicates"] == []

@@ -31,6 +31,7 @@ logger = logging.getLogger("llrd.sweep")
 
 READY = "llrd_enqueued"  # study user attribute: how many trials the creator enqueued (absent while it enqueues)
 FINGERPRINT = "llrd_fingerprint"
+DUPLICATE = "duplicate_of"  # trial user attribute: a second copy of a lost trial, dropped when taken
 
 
 def key_of(arm: str, setting: dict, seed: int) -> str:
@@ -185,7 +186,7 @@ def difference(old: Any, new: Any, where: str = "") -> str:
 def requeue(study, trial) -> None:
     """Enqueue ``trial``'s (setting, seed) again as a new WAITING trial (its own folder); optuna calls this for
     each trial it marks failed because its worker stopped beating, and a worker for its interrupted trial."""
-    attrs = {k: v for k, v in trial.user_attrs.items() if k != "record"}
+    attrs = {k: v for k, v in trial.user_attrs.items() if k not in ("record", DUPLICATE)}
     attrs.update(attempt=int(attrs.get("attempt", 1)) + 1, requeued_from=trial.number)
     study.enqueue_trial({}, user_attrs=attrs)
     logger.info("trial %d (%s) lost its worker: enqueued again", trial.number, attrs.get("key"))
@@ -205,9 +206,28 @@ def take(study):
             storage.record_heartbeat(trial._trial_id)
             if storage.set_trial_state_values(trial._trial_id, TrialState.RUNNING):
                 storage.record_heartbeat(trial._trial_id)
-                return storage.get_trial(trial._trial_id)
+                earlier = _live_earlier_attempt(study, trial)
+                if earlier is None:
+                    return storage.get_trial(trial._trial_id)
+                storage.set_trial_user_attr(trial._trial_id, DUPLICATE, earlier)
+                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                logger.info("trial %d: its (setting, seed) is already trial %d's: dropped", trial.number, earlier)
         except (UpdateFinishedTrialError, StorageInternalError):
             continue
+    return None
+
+
+def _live_earlier_attempt(study, trial) -> int | None:
+    """The number of an earlier waiting, running or complete attempt of ``trial``'s (setting, seed), if any: then
+    ``trial`` is a second copy (two workers enqueued one lost trial at once) and is dropped. Only the later copy
+    is ever dropped, so exactly one runs."""
+    from optuna.trial import TrialState
+
+    live = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
+    key = trial.user_attrs.get("key")
+    for other in study.get_trials(deepcopy=False, states=live):
+        if other.number < trial.number and other.user_attrs.get("key") == key and DUPLICATE not in other.user_attrs:
+            return other.number
     return None
 
 
@@ -271,7 +291,7 @@ def _latest(study) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for t in study.get_trials(deepcopy=False):
         key = t.user_attrs.get("key")
-        if key is None:
+        if key is None or DUPLICATE in t.user_attrs:
             continue
         entry = out.setdefault(key, {"complete": [], "latest": t, "attempts": 0})
         entry["attempts"] += 1
@@ -288,7 +308,7 @@ def state(study) -> dict[str, Any]:
     (keys complete more than once: never, if the take is atomic)."""
     from optuna.trial import TrialState
 
-    records, waiting, running, attempts = {}, 0, 0, 0
+    records, waiting, running, attempts, pending = {}, 0, 0, 0, 0
     for key, entry in _latest(study).items():
         latest = entry["latest"]
         attempts += entry["attempts"]
@@ -298,8 +318,40 @@ def state(study) -> dict[str, Any]:
             records[key] = latest.user_attrs["record"]
         waiting += latest.state == TrialState.WAITING
         running += latest.state == TrialState.RUNNING
+        pending += _orphaned(entry)
     dups = sorted(key for key, entry in _latest(study).items() if len(entry["complete"]) > 1)
-    return {"records": records, "waiting": waiting, "running": running, "attempts": attempts, "duplicates": dups}
+    return {"records": records, "waiting": waiting, "running": running, "pending": pending, "attempts": attempts,
+            "duplicates": dups}  # fmt: skip
+
+
+def _orphaned(entry: dict) -> bool:
+    """Whether a (setting, seed) was lost: its latest attempt failed without a record (failed as stale, or
+    interrupted) and nothing enqueued it again (the worker that failed it died first)."""
+    from optuna.trial import TrialState
+
+    latest = entry["latest"]
+    return not entry["complete"] and latest.state == TrialState.FAIL and "record" not in latest.user_attrs
+
+
+def requeue_orphans(study, grace: float) -> int:
+    """Enqueue again every lost (setting, seed) (:func:`_orphaned`) whose attempt failed more than ``grace``
+    seconds ago (sooner, the worker that failed it may still be enqueueing it); returns how many. Two workers
+    doing so at once enqueue it twice; :func:`take` drops the later copy.
+
+    Example:
+        >>> requeue_orphans(study, grace=60)  # doctest: +SKIP
+        0
+    """
+    import datetime
+
+    count = 0
+    now = datetime.datetime.now()
+    for entry in _latest(study).values():
+        latest = entry["latest"]
+        if _orphaned(entry) and latest.datetime_complete and (now - latest.datetime_complete).total_seconds() > grace:
+            requeue(study, latest)
+            count += 1
+    return count
 
 
 def retry_failed(study) -> int:
