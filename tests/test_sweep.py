@@ -867,3 +867,36 @@ def test_a_stale_trial_whose_marker_died_before_requeueing_is_enqueued_again_onc
     now = store.state(study)
     assert now["waiting"] == now["running"] == now["pending"] == 0 and len(now["records"]) == 2
     assert now["duplicates"] == []
+
+
+def test_workers_creating_a_new_databases_tables_at_once_retry_and_a_refused_login_does_not(monkeypatch):
+    """Two workers starting on an empty PostgreSQL database both create optuna's tables; the loser gets an
+    IntegrityError (duplicate pg_type) and opens the storage again instead of failing; a connection that cannot
+    be made fails at once, with one line naming the URL."""
+    import optuna
+    import sqlalchemy.exc
+
+    tries = []
+
+    class Racing:
+        def __init__(self, url, **kwargs):
+            tries.append(url)
+            if len(tries) == 1:
+                raise sqlalchemy.exc.IntegrityError("CREATE TYPE", {}, Exception("duplicate key value violates"))
+            self.url = url
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", Racing)
+    monkeypatch.setattr(store.time, "sleep", lambda s: None)
+    assert store.open_storage("postgresql+psycopg2://u@h/db", heartbeat=30).url == "postgresql+psycopg2://u@h/db"
+    assert len(tries) == 2
+
+    class Refused:
+        def __init__(self, url, **kwargs):
+            tries.append(url)
+            raise sqlalchemy.exc.OperationalError("connect", {}, Exception("Connection refused"))
+
+    tries.clear()
+    monkeypatch.setattr(optuna.storages, "RDBStorage", Refused)
+    with pytest.raises(ValueError, match=r"--storage postgresql\+psycopg2://u:\*\*\*@h/db: cannot open it"):
+        store.open_storage("postgresql+psycopg2://u:pw@h/db", heartbeat=30)
+    assert len(tries) == 1

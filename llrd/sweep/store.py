@@ -63,12 +63,14 @@ def open_storage(url: str, heartbeat: int):
     """An optuna ``RDBStorage`` at ``url`` with heartbeats every ``heartbeat`` seconds (a trial whose worker
     stopped beating for ``2 * heartbeat`` s is stale) and stale trials enqueued again."""
     import optuna
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     given, url = url, driver_url(url)
     sqlite = url.startswith("sqlite")
     kwargs = {"connect_args": {"isolation_level": None, "timeout": 120}} if sqlite else {}
-    for attempt in range(5 if sqlite else 1):  # two workers creating a new SQLite file's tables at once: one retries
+    attempts = 5
+    for attempt in range(attempts):  # workers creating a new database's tables at once: the losers retry
         try:
             with quiet_experimental():
                 storage = optuna.storages.RDBStorage(
@@ -85,7 +87,8 @@ def open_storage(url: str, heartbeat: int):
                 "PostgreSQL: pip install 'llrd[sweep-cluster]' (psycopg2), for MySQL: pip install pymysql"
             ) from err
         except Exception as err:  # noqa: BLE001 - a table created by the other worker meanwhile; a refused login
-            if attempt == (4 if sqlite else 0):
+            racing = sqlite or isinstance(err, IntegrityError | ProgrammingError)  # duplicate table or type
+            if attempt == attempts - 1 or not racing:
                 cause = str(err.__cause__ or err).strip().splitlines()[0][:300]
                 raise ValueError(f"--storage {redact(given)}: cannot open it ({type(err).__name__}: {cause})") from err
             time.sleep(0.2 + random.random())
