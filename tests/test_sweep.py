@@ -831,9 +831,11 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_goes_stale(tmp_pat
         store.take(study)
     storage.record_heartbeat = beat
     (taken,) = study.get_trials(states=[TrialState.RUNNING])
-    time.sleep(2.5)
-    with store.quiet_experimental():
-        fail_stale_trials(study)
+    deadline = time.monotonic() + 10  # stale after 2 s (SQLite's clock has whole seconds)
+    while study.get_trials()[taken.number].state.name == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        with store.quiet_experimental():
+            fail_stale_trials(study)
     trials_ = study.get_trials()
     assert trials_[taken.number].state.name == "FAIL"
     again = [t for t in trials_ if t.user_attrs.get("requeued_from") == taken.number]
