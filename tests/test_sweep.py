@@ -798,3 +798,107 @@ def test_the_installed_wheel_runs_a_sweep_from_a_temporary_folder(tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == res["verdict"]["line"]
     log = Path(res["trials"][0]["folder"], "log.txt").read_text()
     assert "done: {" in log
+
+
+def _small_study(tmp_path: Path, keys: int = 2):
+    """An in-process study of ``keys`` (setting, seed) entries on an SQLite file, heartbeat 1 s (stale after 2 s)."""
+    storage = store.open_storage(f"sqlite:///{tmp_path / 'gap.db'}", heartbeat=1)
+    entries = [{"arm": "llrd", "setting": {"layer_decay": 0.8}, "seed": k} for k in range(keys)]
+    study, created = store.join(storage, "gap", {"f": 1}, entries)
+    assert created
+    return study
+
+
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_goes_stale(tmp_path):
+    """A worker that dies right after taking a trial, before its heartbeat thread starts, still leaves a
+    heartbeat (take beats before it marks the trial running), so a live worker fails the trial as stale and
+    enqueues it again; before, optuna never saw it stale (no heartbeat row) and every worker waited forever."""
+    import time
+
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    study = _small_study(tmp_path)
+    storage, beat = study._storage, study._storage.record_heartbeat
+
+    def dies_once_running(trial_id):  # the worker dies once the trial is RUNNING, before that trial's beat
+        if storage.get_trial(trial_id).state.name == "RUNNING":
+            raise SystemExit("killed")
+        beat(trial_id)
+
+    storage.record_heartbeat = dies_once_running
+    with pytest.raises(SystemExit):
+        store.take(study)
+    storage.record_heartbeat = beat
+    (taken,) = study.get_trials(states=[TrialState.RUNNING])
+    deadline = time.monotonic() + 10  # stale after 2 s (SQLite's clock has whole seconds)
+    while study.get_trials()[taken.number].state.name == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        with store.quiet_experimental():
+            fail_stale_trials(study)
+    trials_ = study.get_trials()
+    assert trials_[taken.number].state.name == "FAIL"
+    again = [t for t in trials_ if t.user_attrs.get("requeued_from") == taken.number]
+    assert len(again) == 1 and again[0].state.name == "WAITING"
+
+
+def test_a_stale_trial_whose_marker_died_before_requeueing_is_enqueued_again_once(tmp_path):
+    """A trial failed as stale whose failing worker died before enqueueing it again (no record, no waiting,
+    running or complete attempt of its (setting, seed)) is enqueued again by a live worker once it is older than
+    the grace period; meanwhile the sweep counts it as pending, not done. Two workers doing so at once enqueue it
+    twice, and the later copy is dropped when taken: its (setting, seed) runs once."""
+    import time
+
+    from optuna.trial import TrialState
+
+    study = _small_study(tmp_path)
+    taken = store.take(study)
+    study._storage.set_trial_state_values(taken._trial_id, TrialState.FAIL)  # failed as stale; the marker dies
+    now = store.state(study)
+    assert now["waiting"] == 1 and now["pending"] == 1  # not done: the lost (setting, seed) is still owed
+    assert store.requeue_orphans(study, grace=60) == 0  # too young: its marker may still be re-queueing it
+    time.sleep(1.2)
+    assert store.requeue_orphans(study, grace=1) == 1
+    assert store.requeue_orphans(study, grace=1) == 0  # a waiting attempt now exists
+    store.requeue(study, study.get_trials()[taken.number])  # a second worker did the same at the same time
+    runs = []
+    while (trial := store.take(study)) is not None:
+        runs.append(trial.user_attrs["key"])
+        store.finish(study, trial, {"status": "ok", "final": 0.5})
+    assert sorted(runs) == sorted({t.user_attrs["key"] for t in study.get_trials()})  # each key ran once
+    now = store.state(study)
+    assert now["waiting"] == now["running"] == now["pending"] == 0 and len(now["records"]) == 2
+    assert now["duplicates"] == []
+
+
+def test_workers_creating_a_new_databases_tables_at_once_retry_and_a_refused_login_does_not(monkeypatch):
+    """Two workers starting on an empty PostgreSQL database both create optuna's tables; the loser gets an
+    IntegrityError (duplicate pg_type) and opens the storage again instead of failing; a connection that cannot
+    be made fails at once, with one line naming the URL."""
+    import optuna
+    import sqlalchemy.exc
+
+    tries = []
+
+    class Racing:
+        def __init__(self, url, **kwargs):
+            tries.append(url)
+            if len(tries) == 1:
+                raise sqlalchemy.exc.IntegrityError("CREATE TYPE", {}, Exception("duplicate key value violates"))
+            self.url = url
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", Racing)
+    monkeypatch.setattr(store.time, "sleep", lambda s: None)
+    assert store.open_storage("postgresql+psycopg2://u@h/db", heartbeat=30).url == "postgresql+psycopg2://u@h/db"
+    assert len(tries) == 2
+
+    class Refused:
+        def __init__(self, url, **kwargs):
+            tries.append(url)
+            raise sqlalchemy.exc.OperationalError("connect", {}, Exception("Connection refused"))
+
+    tries.clear()
+    monkeypatch.setattr(optuna.storages, "RDBStorage", Refused)
+    with pytest.raises(ValueError, match=r"--storage postgresql\+psycopg2://u:\*\*\*@h/db: cannot open it"):
+        store.open_storage("postgresql+psycopg2://u:pw@h/db", heartbeat=30)
+    assert len(tries) == 1

@@ -105,13 +105,14 @@ class _Worker:
         while True:
             with store.quiet_experimental():  # a dead worker's trial: failed and enqueued again (store.requeue)
                 fail_stale_trials(self.study)
+            store.requeue_orphans(self.study, grace=2 * self.spec.heartbeat)  # its failing worker died too
             trial = store.take(self.study)
             if trial is not None:
                 self._run(trial)
                 waited = False
                 continue
             now = store.state(self.study)
-            if not now["waiting"] and not now["running"]:
+            if not now["waiting"] and not now["running"] and not now["pending"]:
                 return
             if not waited:
                 logger.info("no trial waiting; %d running on other workers: waiting for them", now["running"])

@@ -31,6 +31,7 @@ logger = logging.getLogger("llrd.sweep")
 
 READY = "llrd_enqueued"  # study user attribute: how many trials the creator enqueued (absent while it enqueues)
 FINGERPRINT = "llrd_fingerprint"
+DUPLICATE = "duplicate_of"  # trial user attribute: a second copy of a lost trial, dropped when taken
 
 
 def key_of(arm: str, setting: dict, seed: int) -> str:
@@ -62,12 +63,14 @@ def open_storage(url: str, heartbeat: int):
     """An optuna ``RDBStorage`` at ``url`` with heartbeats every ``heartbeat`` seconds (a trial whose worker
     stopped beating for ``2 * heartbeat`` s is stale) and stale trials enqueued again."""
     import optuna
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     given, url = url, driver_url(url)
     sqlite = url.startswith("sqlite")
     kwargs = {"connect_args": {"isolation_level": None, "timeout": 120}} if sqlite else {}
-    for attempt in range(5 if sqlite else 1):  # two workers creating a new SQLite file's tables at once: one retries
+    attempts = 5
+    for attempt in range(attempts):  # workers creating a new database's tables at once: the losers retry
         try:
             with quiet_experimental():
                 storage = optuna.storages.RDBStorage(
@@ -84,7 +87,8 @@ def open_storage(url: str, heartbeat: int):
                 "PostgreSQL: pip install 'llrd[sweep-cluster]' (psycopg2), for MySQL: pip install pymysql"
             ) from err
         except Exception as err:  # noqa: BLE001 - a table created by the other worker meanwhile; a refused login
-            if attempt == (4 if sqlite else 0):
+            racing = sqlite or isinstance(err, IntegrityError | ProgrammingError)  # duplicate table or type
+            if attempt == attempts - 1 or not racing:
                 cause = str(err.__cause__ or err).strip().splitlines()[0][:300]
                 raise ValueError(f"--storage {redact(given)}: cannot open it ({type(err).__name__}: {cause})") from err
             time.sleep(0.2 + random.random())
@@ -185,25 +189,48 @@ def difference(old: Any, new: Any, where: str = "") -> str:
 def requeue(study, trial) -> None:
     """Enqueue ``trial``'s (setting, seed) again as a new WAITING trial (its own folder); optuna calls this for
     each trial it marks failed because its worker stopped beating, and a worker for its interrupted trial."""
-    attrs = {k: v for k, v in trial.user_attrs.items() if k != "record"}
+    attrs = {k: v for k, v in trial.user_attrs.items() if k not in ("record", DUPLICATE)}
     attrs.update(attempt=int(attrs.get("attempt", 1)) + 1, requeued_from=trial.number)
     study.enqueue_trial({}, user_attrs=attrs)
     logger.info("trial %d (%s) lost its worker: enqueued again", trial.number, attrs.get("key"))
 
 
 def take(study):
-    """A WAITING trial of ``study``, now RUNNING and this worker's (with its first heartbeat), or None."""
+    """A WAITING trial of ``study``, now RUNNING and this worker's (with its first heartbeat), or None.
+
+    It beats once before it marks the trial RUNNING: a worker dying between the two leaves a heartbeat that goes
+    stale (optuna never fails a RUNNING trial that has none, and every worker would wait for it forever)."""
     from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
     from optuna.trial import TrialState
 
     storage = study._storage
     for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         try:
+            storage.record_heartbeat(trial._trial_id)
             if storage.set_trial_state_values(trial._trial_id, TrialState.RUNNING):
                 storage.record_heartbeat(trial._trial_id)
-                return storage.get_trial(trial._trial_id)
+                earlier = _live_earlier_attempt(study, trial)
+                if earlier is None:
+                    return storage.get_trial(trial._trial_id)
+                storage.set_trial_user_attr(trial._trial_id, DUPLICATE, earlier)
+                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                logger.info("trial %d: its (setting, seed) is already trial %d's: dropped", trial.number, earlier)
         except (UpdateFinishedTrialError, StorageInternalError):
             continue
+    return None
+
+
+def _live_earlier_attempt(study, trial) -> int | None:
+    """The number of an earlier waiting, running or complete attempt of ``trial``'s (setting, seed), if any: then
+    ``trial`` is a second copy (two workers enqueued one lost trial at once) and is dropped. Only the later copy
+    is ever dropped, so exactly one runs."""
+    from optuna.trial import TrialState
+
+    live = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
+    key = trial.user_attrs.get("key")
+    for other in study.get_trials(deepcopy=False, states=live):
+        if other.number < trial.number and other.user_attrs.get("key") == key and DUPLICATE not in other.user_attrs:
+            return other.number
     return None
 
 
@@ -267,7 +294,7 @@ def _latest(study) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for t in study.get_trials(deepcopy=False):
         key = t.user_attrs.get("key")
-        if key is None:
+        if key is None or DUPLICATE in t.user_attrs:
             continue
         entry = out.setdefault(key, {"complete": [], "latest": t, "attempts": 0})
         entry["attempts"] += 1
@@ -284,7 +311,7 @@ def state(study) -> dict[str, Any]:
     (keys complete more than once: never, if the take is atomic)."""
     from optuna.trial import TrialState
 
-    records, waiting, running, attempts = {}, 0, 0, 0
+    records, waiting, running, attempts, pending = {}, 0, 0, 0, 0
     for key, entry in _latest(study).items():
         latest = entry["latest"]
         attempts += entry["attempts"]
@@ -294,8 +321,40 @@ def state(study) -> dict[str, Any]:
             records[key] = latest.user_attrs["record"]
         waiting += latest.state == TrialState.WAITING
         running += latest.state == TrialState.RUNNING
+        pending += _orphaned(entry)
     dups = sorted(key for key, entry in _latest(study).items() if len(entry["complete"]) > 1)
-    return {"records": records, "waiting": waiting, "running": running, "attempts": attempts, "duplicates": dups}
+    return {"records": records, "waiting": waiting, "running": running, "pending": pending, "attempts": attempts,
+            "duplicates": dups}  # fmt: skip
+
+
+def _orphaned(entry: dict) -> bool:
+    """Whether a (setting, seed) was lost: its latest attempt failed without a record (failed as stale, or
+    interrupted) and nothing enqueued it again (the worker that failed it died first)."""
+    from optuna.trial import TrialState
+
+    latest = entry["latest"]
+    return not entry["complete"] and latest.state == TrialState.FAIL and "record" not in latest.user_attrs
+
+
+def requeue_orphans(study, grace: float) -> int:
+    """Enqueue again every lost (setting, seed) (:func:`_orphaned`) whose attempt failed more than ``grace``
+    seconds ago (sooner, the worker that failed it may still be enqueueing it); returns how many. Two workers
+    doing so at once enqueue it twice; :func:`take` drops the later copy.
+
+    Example:
+        >>> requeue_orphans(study, grace=60)  # doctest: +SKIP
+        0
+    """
+    import datetime
+
+    count = 0
+    now = datetime.datetime.now()
+    for entry in _latest(study).values():
+        latest = entry["latest"]
+        if _orphaned(entry) and latest.datetime_complete and (now - latest.datetime_complete).total_seconds() > grace:
+            requeue(study, latest)
+            count += 1
+    return count
 
 
 def retry_failed(study) -> int:
