@@ -65,10 +65,42 @@ class Blocks:
 # llrd 0.1: module tree only
 
 
-def structural_blocks(modules: dict[str, nn.Module], spec: BlockSpec) -> Blocks:
-    """Blocks from the module tree alone (see the module docstring); paths are raw ``named_modules`` keys."""
-    blocks = _spec_blocks(modules, spec) if spec is not None else _default_blocks(modules)
-    return Blocks({key: [(b,) for b in found] for key, found in _group_stacks(blocks, modules).items()})
+def structural_blocks(modules: dict[str, nn.Module], spec: BlockSpec, config: Any = None) -> Blocks:
+    """Blocks from the module tree alone (see the module docstring); paths are raw ``named_modules`` keys.
+    With ``config``, tower by tower (:func:`config_towers`, those whose config declares a layer count): each
+    tower's own modules (not its inner towers') get the rule on their own, so each tower with repeated blocks
+    is its own stack with its own numbering, as on the traced path."""
+    if spec is not None:
+        stacks = _group_stacks(_spec_blocks(modules, spec), modules)
+        return Blocks({key: [(b,) for b in found] for key, found in stacks.items()})
+    towers = [""] + [p for p, c in config_towers(modules, config).items() if p and expected_layers(c)]
+    owned: dict[str, dict[str, nn.Module]] = {t: {} for t in towers}
+    for path, module in modules.items():
+        owned[next(t for t in ancestors(path) if t in owned)][path] = module
+    found, tower_of = {}, {}
+    for tower, mine in owned.items():
+        picked = _tower_levels(mine, config_towers(modules, config)[tower]) if tower else None
+        own = picked or [b for b in _default_blocks(mine) if b in mine]  # not an inner tower held in a list
+        for key, blocks in _group_stacks(own, mine).items():
+            found[key], tower_of[key] = [(b,) for b in blocks], tower
+    order = {path: i for i, path in enumerate(modules)}
+    stacks = {k: found[k] for k in sorted(found, key=lambda k: order[found[k][0][0]])}
+    return Blocks(stacks, towers={k: tower_of[k] for k in stacks})
+
+
+def _tower_levels(mine: dict[str, nn.Module], config: Any) -> list[str] | None:
+    """A tower without transformers layers (a ResNet backbone): the nesting level of its lists whose block
+    count its config declares, chosen as :func:`traced_blocks` does (module order, no trace); None if none."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if any(isinstance(m, GradientCheckpointingLayer) for m in mine.values()):
+        return None
+    options = {r: [_score(level, {}) for level in by] for r, by in _levels(_candidates(mine, {})).items()}
+    matches = [(len(p[0]), p[1], p[0]) for t in expected_layers(config) if (p := _pick(options, t)) is not None]
+    if not matches:
+        return None
+    units = max(matches, key=lambda m: m[:2])[2]
+    return [b[0] for blocks in units.values() for b in blocks if len(b) == 1 and b[0] in mine]
 
 
 def _spec_blocks(modules: dict[str, nn.Module], spec: BlockSpec) -> list[str]:
