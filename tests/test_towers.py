@@ -364,3 +364,46 @@ def test_a_coincidental_count_never_makes_a_stack():
     stacks = [{s.blocks for s in layer_ids(_maskformer(n)).stacks.values()} for n in (0, 6, 7)]
     assert stacks[0] == stacks[1] == stacks[2]
     assert not any(".fpn." in b for blocks in stacks[0] for b in blocks)
+
+
+def test_sam3_fallback_every_built_tower_its_own_stack():
+    """SAM3 (default config, on meta: its forward cannot be traced there, so the module tree decides). The
+    towers, each built from a sub-config of its own (sam3/modeling_sam3.py, Sam3Model.__init__ l. 2203-2220):
+    the vision encoder's ViT backbone (l. 1095; its layers, l. 840-845, num_hidden_layers of Sam3ViTConfig), the
+    vision neck's FPN layers (l. 1060, one per scale factor; they run side by side on the backbone output,
+    l. 1073, and are one stack as a list of repeated modules), the CLIP text encoder (l. 2204), the geometry
+    encoder (l. 1208), the DETR encoder (l. 1426) and the DETR decoder (l. 1690), each `num_layers` long. Each is
+    its own stack with its own numbering, and every block parameter gets `lr * decay**(L - i)` of its stack."""
+    import torch
+
+    with torch.device("meta"):
+        model = tf.Sam3Model._from_config(tf.Sam3Config())
+    cfg = model.config
+    counts = {
+        "vision_encoder.backbone.layers": cfg.vision_config.backbone_config.num_hidden_layers,
+        "vision_encoder.neck.fpn_layers": len(cfg.vision_config.scale_factors),
+        "text_encoder.text_model.encoder.layers": cfg.text_config.num_hidden_layers,
+        "geometry_encoder.layers": cfg.geometry_encoder_config.num_layers,
+        "detr_encoder.layers": cfg.detr_encoder_config.num_layers,
+        "detr_decoder.layers": cfg.detr_decoder_config.num_layers,
+    }
+    assert counts == {k: n for k, n in zip(counts, (32, 4, 24, 3, 6, 6), strict=True)}  # the defaults
+    lm = layer_ids(model)
+    assert lm.source == "fallback", lm.note
+    assert {s.blocks[0].rpartition(".")[0]: s.num_layers for s in lm.stacks.values()} == counts
+    groups = param_groups(model, lr=LR, layer_decay=DECAY, weight_decay=0.01, layer_map=lm)
+    lr_of = {n: g["lr"] for g in groups for n in g["param_names"]}
+    pattern = re.compile("^(" + "|".join(re.escape(k) for k in counts) + r")\.(\d+)\.")
+    blocks = [(n, m) for n, _ in model.named_parameters() if (m := pattern.match(n))]
+    assert {m[1] for _, m in blocks} == set(counts)
+    for name, m in blocks:
+        stack, index = lm.info(name).stack, int(m[2])
+        assert lm.stacks[stack].blocks[0].startswith(m[1] + "."), (name, stack)
+        assert lm[name] == index + 1, (name, lm.info(name).reason)
+        assert lr_of[name] == LR * DECAY ** (counts[m[1]] - index), name
+    # what runs before block 0: Sam3ViTModel.forward's embeddings (l. 859, before the layer loop l. 870) and the
+    # CLIP text embeddings (clip/modeling_clip.py l. 531, before the encoder l. 541)
+    stems = ["vision_encoder.backbone.embeddings.", "text_encoder.text_model.embeddings."]
+    for name, _ in model.named_parameters():
+        if any(name.startswith(s) for s in stems):
+            assert lm[name] == 0, (name, lm.info(name).reason)
