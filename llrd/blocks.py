@@ -75,7 +75,11 @@ def structural_blocks(modules: dict[str, nn.Module], spec: BlockSpec, config: An
     if spec is not None:
         stacks = _group_stacks(_spec_blocks(modules, spec), modules)
         return Blocks({key: [(b,) for b in found] for key, found in stacks.items()})
-    towers = {p: c for p, c in config_towers(modules, config).items() if not p or expected_layers(c)}
+    towers = {  # a block holding its config (CLVP's attention blocks) is no tower
+        p: c
+        for p, c in config_towers(modules, config).items()
+        if not p or (expected_layers(c) and not isinstance(modules.get(p.rpartition(".")[0]), _LISTS))
+    }
     owned: dict[str, dict[str, nn.Module]] = {t: {} for t in towers}
     for path, module in modules.items():
         owned[next(t for t in ancestors(path) if t in owned)][path] = module

@@ -267,7 +267,7 @@ def _from_tree(model: nn.Module, spec: BlockSpec, note: str, source: str = "fall
     found = structural_blocks(modules, spec, getattr(hf, "config", None))
     stacks, keys = _make_stacks(found, {}, type(model).__name__)
     stack_blocks = {name: found.stacks[key] for name, key in keys.items()}
-    tower_of = {s: next(t for t in ancestors(b[0][0]) if t in towers) for s, b in stack_blocks.items()}
+    tower_of = {name: found.towers.get(key, "") for name, key in keys.items()}
     rule = Rule(modules, stack_blocks, tower_of, set(towers), base if base != model_path else "",
                 shared=_shared_tables(model, stack_blocks))  # fmt: skip
     rule.prefix = "fallback: " if source == "fallback" else ""
