@@ -3,9 +3,11 @@
 Two finders, both returning ``{stack key: [block, ...]}`` where a block is a tuple of module paths (one
 module, or the i-th elements of parallel lists such as XLM's ``attentions`` / ``ffns``):
 
-* :func:`structural_blocks` (no trace: ``depth_source="structure"`` and the fallback): the innermost
-  ``GradientCheckpointingLayer`` instances, else the children of the innermost list of same-class modules;
-  blocks under one outermost list form one stack.
+* :func:`structural_blocks` (no trace: ``depth_source="structure"`` and the fallback), tower by tower (each
+  module holding a config with a layer count, on its own modules): the innermost ``GradientCheckpointingLayer``
+  instances; else, in a tower below the model, the nesting level its config's count matches (as below), else
+  the children of its innermost lists of same-class modules; the model's own such lists only where no tower
+  has transformers layers (llrd 0.1). Blocks under one outermost list form one stack.
 * :func:`traced_blocks`: every candidate list of the module tree (lists of transformers layers or of
   same-class modules; a list of lists, as Funnel groups its layers by index; sibling lists of equal length that
   the forward pass visits index by index form one list, each such group under its own key), arranged in
@@ -65,10 +67,53 @@ class Blocks:
 # llrd 0.1: module tree only
 
 
-def structural_blocks(modules: dict[str, nn.Module], spec: BlockSpec) -> Blocks:
-    """Blocks from the module tree alone (see the module docstring); paths are raw ``named_modules`` keys."""
-    blocks = _spec_blocks(modules, spec) if spec is not None else _default_blocks(modules)
-    return Blocks({key: [(b,) for b in found] for key, found in _group_stacks(blocks, modules).items()})
+def structural_blocks(modules: dict[str, nn.Module], spec: BlockSpec, config: Any = None) -> Blocks:
+    """Blocks from the module tree alone (see the module docstring); paths are raw ``named_modules`` keys.
+    With ``config``, tower by tower (:func:`config_towers`, those whose config declares a layer count): each
+    tower's own modules (not its inner towers') get the rule on their own, so each tower with repeated blocks
+    is its own stack with its own numbering, as on the traced path."""
+    if spec is not None:
+        stacks = _group_stacks(_spec_blocks(modules, spec), modules)
+        return Blocks({key: [(b,) for b in found] for key, found in stacks.items()})
+    towers = {  # a block holding its config (CLVP's attention blocks) is no tower
+        p: c
+        for p, c in config_towers(modules, config).items()
+        if not p or (expected_layers(c) and not isinstance(modules.get(p.rpartition(".")[0]), _LISTS))
+    }
+    owned: dict[str, dict[str, nn.Module]] = {t: {} for t in towers}
+    for path, module in modules.items():
+        owned[next(t for t in ancestors(path) if t in owned)][path] = module
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = {t for t, mine in owned.items() if any(isinstance(m, GradientCheckpointingLayer) for m in mine.values())}
+    found, tower_of = {}, {}
+    for tower, mine in owned.items():
+        # no transformers layers: a sub-tower's level its count matches, else its innermost lists; the model's
+        # own lists (llrd 0.1) unless transformers layers mark the blocks elsewhere in the model
+        picked = None if tower in layers or not tower else _tower_levels(mine, towers[tower], bool(layers))
+        plain = tower in layers or not layers or bool(tower)
+        own = picked or ([b for b in _default_blocks(mine) if b in mine] if plain else [])  # not an inner tower
+        for key, blocks in _group_stacks(own, mine).items():
+            found[key], tower_of[key] = [(b,) for b in blocks], tower
+    order = {path: i for i, path in enumerate(modules)}
+    stacks = {k: found[k] for k in sorted(found, key=lambda k: order[found[k][0][0]])}
+    return Blocks(stacks, towers={k: tower_of[k] for k in stacks})
+
+
+def _tower_levels(mine: dict[str, nn.Module], config: Any, strict: bool) -> list[str] | None:
+    """A tower without transformers layers (a ResNet backbone): the nesting level of its lists whose block
+    count its config declares, chosen as :func:`traced_blocks` does (module order, no trace); its other lists
+    keep their innermost level unless ``strict`` (transformers layers elsewhere mark the blocks); None: no
+    level matches."""
+    levels = _levels(_candidates(mine, {}))
+    options = {r: [_score(level, {}) for level in by] for r, by in levels.items()}
+    matches = [(len(p[0]), p[1], p[0]) for t in expected_layers(config) if (p := _pick(options, t)) is not None]
+    if not matches:
+        return None
+    units = max(matches, key=lambda m: m[:2])[2]
+    if not strict:
+        units |= _innermost_levels({r: by for r, by in levels.items() if r not in units})
+    return [b[0] for blocks in units.values() for b in blocks if len(b) == 1 and b[0] in mine]
 
 
 def _spec_blocks(modules: dict[str, nn.Module], spec: BlockSpec) -> list[str]:

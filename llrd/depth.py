@@ -144,9 +144,10 @@ def _own_towers(stack_blocks: dict[str, list[Block]]) -> dict[str, str]:
         towers[stack] = mine[0]
         for i in range(len(parts) - 1, -1, -1):
             candidate = ".".join(parts[:i])
-            if not all(inside(m, candidate) for m in mine) or any(inside(m, candidate) for m in others):
+            if any(inside(m, candidate) for m in others):
                 break
-            towers[stack] = candidate
+            if all(inside(m, candidate) for m in mine):  # stages: the blocks of one lie in several lists
+                towers[stack] = candidate
     return towers
 
 

@@ -261,13 +261,13 @@ class _Built:
 def _from_tree(model: nn.Module, spec: BlockSpec, note: str, source: str = "fallback") -> _Built:
     """No trace: blocks and depths from the module tree (raw paths)."""
     modules = dict(model.named_modules())
-    found = structural_blocks(modules, spec)
-    stacks, keys = _make_stacks(found, {}, type(model).__name__)
-    stack_blocks = {name: found.stacks[key] for name, key in keys.items()}
     model_path, base = _trunk_and_model(modules)
     hf = modules.get(model_path)
     towers = config_towers(modules, getattr(hf, "config", None))
-    tower_of = {s: next(t for t in ancestors(b[0][0]) if t in towers) for s, b in stack_blocks.items()}
+    found = structural_blocks(modules, spec, getattr(hf, "config", None))
+    stacks, keys = _make_stacks(found, {}, type(model).__name__)
+    stack_blocks = {name: found.stacks[key] for name, key in keys.items()}
+    tower_of = {name: found.towers.get(key, "") for name, key in keys.items()}
     rule = Rule(modules, stack_blocks, tower_of, set(towers), base if base != model_path else "",
                 shared=_shared_tables(model, stack_blocks))  # fmt: skip
     rule.prefix = "fallback: " if source == "fallback" else ""
