@@ -356,7 +356,7 @@ def test_config_data_paths_are_relative_to_the_config_file():
     parser = tf.HfArgumentParser((module.ModelArguments, module.DataArguments, LLRDTrainingArguments))
     config = RECIPES / "configs" / "minilm_sst2.yaml"
     _, data, args = common.parse(parser, [str(config)])
-    assert Path(data.train_file) == (ROOT.parent / "shared" / "data" / "sst2" / "train.csv").resolve()
+    assert Path(data.train_file).resolve() == (ROOT.parent / "shared" / "data" / "sst2" / "train.csv").resolve()
     assert Path(data.test_file).name == "test.csv" and Path(data.test_file).is_absolute()
     assert args.output_dir == "runs/minilm_sst2"  # outputs: relative to the working directory
 
