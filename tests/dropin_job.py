@@ -98,4 +98,13 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    import traceback
+
+    from gloo_exit import leave
+
+    try:
+        main()
+    except Exception:  # noqa: BLE001 - report, then leave: a gloo rank can abort in teardown
+        traceback.print_exc()
+        leave(1)
+    leave(0)

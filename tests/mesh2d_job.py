@@ -46,8 +46,16 @@ def main() -> None:
     trainer.train()
     keys = sorted({k for h in trainer.state.log_history if "loss" in h for k in h if "/" in k})
     print(json.dumps(keys))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    import traceback
+
+    from gloo_exit import leave
+
+    try:
+        main()
+    except Exception:  # noqa: BLE001 - report, then leave: a gloo rank can abort in teardown
+        traceback.print_exc()
+        leave(1)
+    leave(0)

@@ -62,8 +62,11 @@ def test_resume_with_other_settings_fails_and_says_what_changed(tmp_path):
     other_model = job(tmp_path / "run", "plain", "--resume", "--layers", "3")
     assert other_model.returncode != 0
     # members and depths come from the checkpoint's layout (issue 20), so a third block shows as tensors it lacks
-    assert re.search(r"cannot resume from .*checkpoint-2.*group \d+ \([^)]*block_1/decay\) holds other parameters: "
-                     r"missing \[\], new \['bert\.encoder\.layer\.2\.", other_model.stderr)
+    assert re.search(
+        r"cannot resume from .*checkpoint-2.*group \d+ \([^)]*block_1/decay\) holds other parameters: "
+        r"missing \[\], new \['bert\.encoder\.layer\.2\.",
+        other_model.stderr,
+    )
 
 
 def test_check_layout_same_counts_different_members():

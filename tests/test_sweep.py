@@ -627,8 +627,9 @@ def test_the_bundled_image_recipe_runs_as_a_sweep_on_image_folders(tmp_path):
     assert [t["status"] for t in res["trials"]] == ["ok"] * 2 and all("accuracy" in t["test"] for t in res["trials"])
     cfg = json.loads(Path(res["trials"][0]["folder"], "trial_config.json").read_text())
     assert cfg["test_dir"] == str((data / "test").resolve()) and "test_file" not in cfg
-    assert json.loads(Path(res["trials"][1]["folder"], "test_results.json").read_text())["test_accuracy"] == (
-        res["trials"][1]["test"]["accuracy"]
+    assert (
+        json.loads(Path(res["trials"][1]["folder"], "test_results.json").read_text())["test_accuracy"]
+        == (res["trials"][1]["test"]["accuracy"])
     )
 
 
@@ -787,8 +788,25 @@ def test_the_installed_wheel_runs_a_sweep_from_a_temporary_folder(tmp_path):
     where = subprocess.run([sys.executable, "-c", "import llrd; print(llrd.__file__)"], cwd=work, env=env,
                            capture_output=True, text=True)  # fmt: skip
     assert Path(where.stdout.strip()).is_relative_to(target), where.stdout + where.stderr
-    argv = ["cfg.yaml", "--output_dir", "out", "--seeds", "1", "--train_size", "64", "--validation_size", "32",
-            "--test_size", "32", "--layer_decay", "0.8", "--learning_rate", "1e-4", "--plain_learning_rate", "1e-4"]
+    argv = [
+        "cfg.yaml",
+        "--output_dir",
+        "out",
+        "--seeds",
+        "1",
+        "--train_size",
+        "64",
+        "--validation_size",
+        "32",
+        "--test_size",
+        "32",
+        "--layer_decay",
+        "0.8",
+        "--learning_rate",
+        "1e-4",
+        "--plain_learning_rate",
+        "1e-4",
+    ]
     cli = [str(target / "bin" / "llrd")] if (target / "bin" / "llrd").is_file() else [sys.executable, "-m", "llrd"]
     proc = subprocess.run([*cli, "sweep", *argv], cwd=work, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

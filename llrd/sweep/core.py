@@ -343,8 +343,11 @@ def _header(spec: SweepSpec, files: dict, record: dict) -> list[str]:
         + (" (given)" if spec.target is not None else " (the best plain setting's mean final validation value)")
         + f". {len(record['trials'])} trials took {record['trial_seconds_total'] / 60:.1f} min (sum of their wall "
         f"times; {stored['attempts']} attempts in the storage); "
-        + (record["rescored"]["line"] if "rescored" in record else
-           f"this worker ran {record['wall_seconds_this_invocation'] / 60:.1f} min")  # fmt: skip
+        + (
+            record["rescored"]["line"]
+            if "rescored" in record
+            else f"this worker ran {record['wall_seconds_this_invocation'] / 60:.1f} min"
+        )  # fmt: skip
         + f". Environment: {env}.",
     ]
 
