@@ -4,6 +4,7 @@
     python scripts/bench_quality.py --dataset mr          # one of them
     python scripts/bench_quality.py --quick --out DIR     # smoke version (minutes): what the slow test runs
     python scripts/bench_quality.py --rescore             # re-score stored results of the re-run protocol
+    python scripts/bench_quality.py --dataset fashion_mnist  # DINOv2-S on Fashion-MNIST photos (CPU hours)
 
 Each dataset is one `llrd sweep` command (printed, and recorded at the top of its table.md), on the protocol
 config ``scripts/configs/minilm_fewshot.yaml``: MiniLM-L6, 1,000 training sentences, 300 validation sentences
@@ -13,6 +14,13 @@ an evaluation every 20 steps, seeds 0-4; LLRD arm decay {0.9, 0.8, 0.65} at lr 3
 works in ``runs/bench_quality/<dataset>`` (its optuna storage ``sweep.db`` there: interrupted? run the same
 command again, finished trials are kept) and its ``results.json``, ``table.md`` and ``sweep.png`` are copied to
 ``scripts/results/sweep_<dataset>/`` (``--out`` elsewhere).
+
+``--dataset fashion_mnist`` is the image half, on ``recipes/configs/dinov2_fashion_mnist_csv.yaml`` with the
+image recipe: the pretrained DINOv2-S (``../shared/models/dinov2-small``) at 56 px, 1,000 training photos, 500
+validation photos split off the training file, 1,000 test photos, 3 epochs of batch 32 (96 steps) with an
+evaluation per epoch, seeds 0-4; LLRD arm decay {0.9, 0.75, 0.65} at lr 5e-4 (MAE/BEiT-style), plain arm lr
+{5e-5, 1e-4, 2e-4}: 30 trials. It first converts the IDX files into ``data/fashion_mnist`` (PNGs and
+``image,label`` CSVs) when they are not there.
 
 ``--rescore`` turns results written by the earlier protocol (30 tuning trials, then the two chosen settings'
 10 trials run again only to read the test split) into this protocol's results without training anything: it
@@ -29,6 +37,7 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,6 +51,15 @@ DATASETS = {
     "agnews": ["--train_file", f"{DATA}/agnews/train.csv", "--test_file", f"{DATA}/agnews/test.csv",
                "--test_size", "2000"],
 }  # fmt: skip
+IMAGE_CONFIG = "recipes/configs/dinov2_fashion_mnist_csv.yaml"
+IMAGE_DATA = ["--script", "image_classification", "--train_file", "data/fashion_mnist/train.csv",
+              "--test_file", "data/fashion_mnist/test.csv"]  # fmt: skip
+IMAGE_PROTOCOL = ["--seeds", "5", "--train_size", "1000", "--validation_size", "500", "--test_size", "1000",
+                  "--layer_decay", "0.9", "0.75", "0.65", "--learning_rate", "5e-4",
+                  "--plain_learning_rate", "5e-5", "1e-4", "2e-4"]  # fmt: skip
+IMAGE_QUICK = ["--seeds", "2", "--train_size", "96", "--validation_size", "48", "--test_size", "96",
+               "--num_train_epochs", "1", "--layer_decay", "0.75", "--learning_rate", "5e-4",
+               "--plain_learning_rate", "1e-4"]  # fmt: skip
 PROTOCOL = ["--seeds", "5", "--train_size", "1000", "--validation_size", "300", "--layer_decay", "0.9", "0.8",
             "0.65", "--learning_rate", "3e-4", "--plain_learning_rate", "5e-5", "1e-4", "2e-4"]  # fmt: skip
 # the same code path, small: 2 seeds, one trial per arm, 30 steps on 320 sentences
@@ -121,6 +139,14 @@ def sweep_argv(dataset: str, quick: bool, work: Path) -> list[str]:
         >>> sweep_argv("mr", False, Path("runs/bench_quality"))[:3]
         ['scripts/configs/minilm_fewshot.yaml', '--train_file', '../shared/data/mr/train.csv']
     """
+    if dataset == "fashion_mnist":
+        return [
+            IMAGE_CONFIG,
+            *IMAGE_DATA,
+            "--output_dir",
+            str(work / dataset),
+            *(IMAGE_QUICK if quick else IMAGE_PROTOCOL),
+        ]
     data = DATASETS[dataset]
     if quick and "--test_size" in data:
         i = data.index("--test_size")
@@ -130,7 +156,7 @@ def sweep_argv(dataset: str, quick: bool, work: Path) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", nargs="+", choices=list(DATASETS), default=list(DATASETS))
+    parser.add_argument("--dataset", nargs="+", choices=[*DATASETS, "fashion_mnist"], default=list(DATASETS))
     parser.add_argument("--quick", action="store_true", help="small smoke version (SST-2 only unless --dataset)")
     parser.add_argument("--out", type=Path, default=ROOT / "scripts" / "results", help="where the results go")
     parser.add_argument(
@@ -165,6 +191,16 @@ def main() -> int:
     work = ns.work or (ns.out / "tmp" / "bench_quality_quick" if ns.quick else Path("runs") / "bench_quality")
     failed = 0
     for dataset in datasets:
+        if dataset == "fashion_mnist" and not Path("data/fashion_mnist/test.csv").is_file():
+            convert = [
+                sys.executable,
+                "recipes/fashion_mnist.py",
+                f"{DATA}/fashion_mnist",
+                "--out",
+                "data/fashion_mnist",
+            ]
+            print(f"$ {shlex.join(convert)}", flush=True)
+            subprocess.run(convert, check=True)
         argv = sweep_argv(dataset, ns.quick, work)
         print(f"$ llrd sweep {shlex.join(argv)}", flush=True)
         rc = sweep(argv)

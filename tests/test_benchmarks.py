@@ -15,10 +15,10 @@ from test_recipes import needs_data
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(script: str, out: Path, timeout: int, mode: str = "--quick") -> None:
-    """Run ``scripts/<script> <mode> --out <out>`` offline; fail with its stderr."""
+def run_script(script: str, out: Path, timeout: int, mode: str = "--quick", *extra: str) -> None:
+    """Run ``scripts/<script> <mode> --out <out> [extra]`` offline; fail with its stderr."""
     proc = subprocess.run(
-        [sys.executable, f"scripts/{script}", mode, "--out", str(out)],
+        [sys.executable, f"scripts/{script}", mode, "--out", str(out), *extra],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -64,6 +64,34 @@ def test_bench_quality_quick(tmp_path):
     table = (out / "table.md").read_text()
     assert record["verdict"]["line"] in table and "95% t-interval over 2 paired seeds" in record["verdict"]["line"]
     assert (out / "sweep.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+@needs_data
+def test_bench_quality_fashion_mnist_quick(tmp_path):
+    """The image half of the quality benchmark, small: `llrd sweep` runs the image recipe on the real DINOv2-S
+    with Fashion-MNIST photos (converted from the IDX files when missing; 2 seeds, one setting per arm, one
+    epoch of 96 photos: 4 trial processes; measured about 1 min on 2 CPU cores)."""
+    run_script("bench_quality.py", tmp_path, TIMEOUT_QUALITY_QUICK, "--quick", "--dataset", "fashion_mnist")
+    out = tmp_path / "sweep_fashion_mnist_quick"
+    record = json.loads((out / "results.json").read_text())
+    assert [t["status"] for t in record["trials"]] == ["ok"] * 4, [t.get("error") for t in record["trials"]]
+    assert record["chosen"] == {
+        "plain": "layer_decay=1, learning_rate=0.0001",
+        "llrd": "layer_decay=0.75, learning_rate=0.0005",
+    }
+    assert record["data"]["train"]["rows"] == 96 and record["data"]["test"]["rows"] == 96, record["data"]
+    folder = {(t["arm"], t["seed"]): Path(t["folder"]) for t in record["trials"]}
+    plain = json.loads((folder["plain", 0] / "llrd_groups.json").read_text())
+    llrd = json.loads((folder["llrd", 0] / "llrd_groups.json").read_text())
+    assert len(plain) == 2  # Trainer's own groups
+    # DINOv2-S: 12 blocks, so the embeddings (depth 0) train at 5e-4 * 0.75 ** 13 and the classifier at 5e-4
+    assert min(g["lr"] for g in llrd) == pytest.approx(5e-4 * 0.75**13, rel=1e-9)
+    assert max(g["lr"] for g in llrd) == pytest.approx(5e-4, rel=1e-9)
+    for t in record["trials"]:
+        test = json.loads((Path(t["folder"]) / "test_results.json").read_text())
+        assert t["test"]["accuracy"] == test["test_accuracy"]
+    assert record["verdict"]["line"] in (out / "table.md").read_text()
 
 
 @pytest.mark.slow
