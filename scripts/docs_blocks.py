@@ -132,6 +132,37 @@ def main_job() -> str:
     )
 
 
+VIT_FILES = {1: "main_job_vit.json", 2: "main_job_vit_2proc.json"}
+
+
+def main_job_vit() -> str:
+    """The ViT main job on 1 and 2 processes, one row each."""
+    rows, hardware = [], set()
+    for procs, name in VIT_FILES.items():
+        rec = _json(name)
+        machine = rec["machine"]  # files written before the script recorded the architecture name only the cores
+        hardware.add(_hw(machine) if "machine" in machine else f"{machine['cpus']} CPU cores")
+        how = "1" if procs == 1 else f"{procs} (accelerate launch, gloo)"
+        rows.append(
+            f"| {how} | {rec['steps']} | {rec['test_accuracy']:.4f} | {rec['test_f1']:.4f} "
+            f"| {rec['validation_accuracy']:.4f} | [{name}](../scripts/results/{name}) |"
+        )
+    head = _source("python scripts/main_job_vit.py [--procs 2]", "the files in the last column",
+                   f"fp32, {'; '.join(sorted(hardware))}")  # fmt: skip
+    # no wall time: the two runs shared the machine with different loads, so their times compare nothing
+    table = "| processes | steps | test accuracy | test F1 | validation accuracy | results file |"
+    return "\n".join([head, "", table, "|---|---|---|---|---|---|", *rows])
+
+
+def vit_expect() -> str:
+    """The README's one line of ViT main-job figures."""
+    one, two = (_json(name) for name in VIT_FILES.values())
+    return (
+        f"test accuracy {one['test_accuracy']:.3f} in one process and {two['test_accuracy']:.3f} on 2 processes "
+        "([Benchmarks, ViT main job](docs/benchmarks.md#vit-main-job))."
+    )
+
+
 def quality() -> str:
     out = []
     for key, label in DATASETS.items():
@@ -260,7 +291,7 @@ def inspect_minilm() -> str:
 
 
 # blocks that hold no measurement, so they name no hardware class
-UNTIMED = {"inspect_minilm"}
+UNTIMED = {"inspect_minilm", "vit_expect"}
 
 # block name -> (page, generator)
 BLOCKS: dict[str, tuple[Path, Callable[[], str]]] = {
@@ -268,6 +299,8 @@ BLOCKS: dict[str, tuple[Path, Callable[[], str]]] = {
     "sweep_architectures": (DOCS / "architectures.md", architectures),
     "suite_times": (DOCS / "benchmarks.md", suite_times),
     "main_job": (DOCS / "benchmarks.md", main_job),
+    "main_job_vit": (DOCS / "benchmarks.md", main_job_vit),
+    "vit_expect": (ROOT / "README.md", vit_expect),
     "quality_summary": (DOCS / "benchmarks.md", quality_summary),
     "quality": (DOCS / "benchmarks.md", quality),
     "overhead": (DOCS / "benchmarks.md", overhead),

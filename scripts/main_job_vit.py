@@ -77,6 +77,7 @@ def main() -> None:
         "done_line": done[-1] if done else None,
         "machine": {
             "cpus": os.cpu_count(),
+            "machine": platform.machine(),
             "load_average_1_5_15_before": [round(x, 2) for x in load_before],
             "load_average_1_5_15_after": [round(x, 2) for x in load_after],
             "python": platform.python_version(),
