@@ -16,7 +16,8 @@ module, or the i-th elements of parallel lists such as XLM's ``attentions`` / ``
   backbone, a DETR decoder). Per tower, it picks for each outermost list the level (or none) such that the
   block count equals one the tower's config declares (``num_hidden_layers``, ``depths``, encoder + decoder
   layers; for the model itself, without the sub-configs that towers of their own build), preferring
-  transformers' own layer marking and then the most parameters. A coincidental sum never joins towers: a
+  transformers' own layer marking, then fewer lists, then (only where several lists tie) the lists that grow
+  in a twin built with the counts one larger, then the most parameters. A coincidental sum never joins towers: a
   tower that matches no count keeps its innermost layers, and lists of the model's own that match nothing
   are no stack once some tower matched. Blocks are ordered as the forward pass runs them.
 """
@@ -47,6 +48,8 @@ _LISTS = (nn.ModuleList, nn.Sequential)
 # Other fields that count layers, read only where a config has none of the usual ones; not thresholds, indices
 # or counts of layers that are not blocks (conv feature extractors, adapters, multi-token prediction).
 _OTHER_COUNT = re.compile(r"(?:num_|n_)?(?!.*(?:max|window|shared|nextn|predict|feat_extract|adapter))\w*_layers")
+# Config fields that count the main stack's layers, the first one present wins.
+_COUNT_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "depth")
 # Config fields that add a second stack's layers to the model's own count.
 _DECODER_COUNTS = ("decoder_layers", "num_decoder_layers", "decoder_num_hidden_layers", "decoder_num_layers")
 
@@ -188,9 +191,15 @@ class _List:
         return any(inside(path, member) for unit in self.units for member in unit)
 
 
-def traced_blocks(modules: dict[str, nn.Module], trace: Trace, config: Any, spec: BlockSpec = None) -> Blocks:
+def traced_blocks(
+    modules: dict[str, nn.Module], trace: Trace, config: Any, spec: BlockSpec = None, rebuild: Rebuild | None = None
+) -> Blocks:
     """Blocks of a meta twin (``modules``: its ``named_modules``, clean paths) chosen with its trace, tower by
-    tower: each list is checked against the layer counts of the innermost config tower that holds it."""
+    tower: each list is checked against the layer counts of the innermost config tower that holds it.
+
+    ``rebuild(config)`` builds the twin's class from another config on the meta device (its ``named_modules``);
+    it is called only when several lists of a tower have the count its config declares (see :func:`grown_lists`).
+    """
     first = first_starts(trace)
     if spec is not None:
         found = structural_blocks(modules, spec)
@@ -212,9 +221,12 @@ def traced_blocks(modules: dict[str, nn.Module], trace: Trace, config: Any, spec
     chosen: dict[str, list[Block]] = {}
     notes, unmatched = [], []
     for tower, options in by_tower.items():
+        if rebuild is not None and _ambiguous(options, targets[tower]):
+            grown = grown_lists(modules, config, towers[tower], rebuild)
+            options = {root: [_score(level, params, grown) for level in levels[root]] for root in options}
         matches = [(t, *p) for t in targets[tower] if (p := _pick(options, t)) is not None]
         if tower:  # a tower: the count that covers most of its lists, then transformers' layers (T5Stack's 6
-            matches = sorted(matches, key=lambda m: (-len(m[1]), -m[2][0], -m[2][1]))[:1]  # blocks, not 12 sublayers)
+            matches = sorted(matches, key=lambda m: (-len(m[1]), -m[2][0], -m[2][3]))[:1]  # blocks, not 12 sublayers)
         picked = matches[0][:2] if matches else None
         label = f"{tower} ({type(towers[tower]).__name__})" if tower else "the model"
         if picked is not None:
@@ -355,24 +367,80 @@ def _levels(lists: list[_List]) -> dict[str, list[list[_List]]]:
     return levels
 
 
-def _score(level: list[_List], params: dict[str, int]) -> tuple[int, tuple[int, int], list[Block]]:
+Score = tuple[int, int, int, int]  # (marked as layers, minus the lists, built by the count, parameters covered)
+Rebuild = Callable[[Any], dict[str, nn.Module]]
+
+
+def _score(level: list[_List], params: dict[str, int], grown: set[str] = frozenset()) -> tuple[int, Score, list]:
+    """A level's blocks and score: transformers' own layers first; then fewer lists, since the blocks of one
+    stack are one list (or one list per stage) and a count reached only by adding up more lists is a
+    coincidence (RT-DETR: 2 FPN + 2 downsampling + 2 PAN modules against its 6 decoder layers); then the units
+    of lists the config's count builds (``grown``, see :func:`grown_lists`); then size."""
     units = [unit for lst in level for unit in lst.units]
     marked = sum(len(lst.units) for lst in level if lst.layer_marked)
+    built = sum(len(lst.units) for lst in level if lst.path in grown or lst.units[0][0].rpartition(".")[0] in grown)
     covered = sum(params.get(member, 0) for unit in units for member in unit)
-    return len(units), (marked, covered), units
+    return len(units), (marked, -len(level), built, covered), units
 
 
-def _pick(options: dict[str, list[tuple[int, tuple[int, int], list[Block]]]], target: int):
+def _ambiguous(options: dict[str, list[tuple[int, Score, list[Block]]]], targets: list[int]) -> bool:
+    """Whether several single lists of a tower have the count its config declares first, equally marked."""
+    if not targets:
+        return False
+    alike = [score[:2] for levels in options.values() for count, score, _ in levels if count == targets[0]]
+    return len(alike) > len(set(alike))
+
+
+def grown_lists(modules: dict[str, nn.Module], config: Any, tower: Any, rebuild: Rebuild) -> set[str]:
+    """The lists a tower's layer counts build: paths of the lists that are one longer in a twin whose config has
+    every count field of ``tower`` (the model's config or one of its sub-configs) one larger. RT-DETR with
+    ``decoder_layers=2`` has 2 FPN, 2 PAN, 2 lateral and 2 downsampling modules too; only its decoder layers
+    follow the count. Empty when the class cannot be built from the changed config.
+
+    Example:
+        >>> grown_lists(dict(twin.named_modules()), twin.config, twin.config, rebuild)  # doctest: +SKIP
+        {'model.decoder.layers'}
+    """
+    import copy
+
+    changed = copy.deepcopy(config)
+    target = _same_config(config, changed, tower)
+    fields = [k for k in (*_COUNT_KEYS, *_DECODER_COUNTS) if type(getattr(target, k, None)) is int]
+    if target is None or not fields:
+        return set()
+    try:
+        for key in fields:
+            setattr(target, key, getattr(target, key) + 1)
+        other = rebuild(changed)
+    except Exception as err:  # noqa: BLE001 - a class may validate its config: then the counts cannot decide
+        logger.debug("no twin with %s one larger: %s", fields, err)
+        return set()
+    return {p for p, m in modules.items() if isinstance(m, _LISTS) and p in other and len(other[p]) == len(m) + 1}
+
+
+def _same_config(config: Any, copied: Any, wanted: Any) -> Any:
+    """The sub-config of ``copied`` at the place ``wanted`` has in ``config`` (``config`` itself included)."""
+    if config is wanted:
+        return copied
+    for key, value in vars(config).items():
+        if any(value is sub for sub in _sub_configs(config)) and (
+            found := _same_config(value, getattr(copied, key, None), wanted)
+        ):
+            return found
+    return None
+
+
+def _pick(options: dict[str, list[tuple[int, Score, list[Block]]]], target: int):
     """For each outermost list a level or nothing, with ``target`` blocks in all; best score wins (DP)."""
-    best: dict[int, tuple[tuple[int, int], dict[str, int]]] = {0: ((0, 0), {})}
+    best: dict[int, tuple[Score, dict[str, int]]] = {0: ((0, 0, 0, 0), {})}
     for root, levels in options.items():
         step = dict(best)
         for total, (score, picks) in best.items():
-            for index, (count, (marked, covered), _) in enumerate(levels):
+            for index, (count, level_score, _) in enumerate(levels):
                 new_total = total + count
                 if new_total > target:
                     continue
-                new_score = (score[0] + marked, score[1] + covered)
+                new_score = tuple(a + b for a, b in zip(score, level_score, strict=True))
                 if new_total not in step or new_score > step[new_total][0]:
                     step[new_total] = (new_score, {**picks, root: index})
         best = step
@@ -461,7 +529,7 @@ def _own_layers(config: Any) -> tuple[int | None, int | None, int | None]:
         if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) for v in value):
             return int(sum(value)), int(sum(value)), None
     count = None
-    for key in ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "depth"):
+    for key in _COUNT_KEYS:
         try:
             value = getattr(config, key)
         except AttributeError:

@@ -16,7 +16,10 @@ import logging
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
+import torch
 from torch import nn
 
 from .blocks import (
@@ -275,6 +278,14 @@ def _from_tree(model: nn.Module, spec: BlockSpec, note: str, source: str = "fall
     return _Built(stacks, rule, source, note, "structure")
 
 
+def _rebuilt_modules(cls: type, config: Any) -> dict[str, nn.Module]:
+    """``named_modules`` of ``cls(config)`` built on the meta device, as the trace's twin is."""
+    from transformers.modeling_utils import local_torch_dtype
+
+    with torch.device("meta"), local_torch_dtype(torch.bfloat16):
+        return dict(cls(config).named_modules())
+
+
 def _from_trace(model: nn.Module, traced: Trace, spec: BlockSpec) -> _Built:
     """Blocks chosen with the trace; depths from when each parameter was first used."""
     twin = traced.twin
@@ -285,7 +296,7 @@ def _from_trace(model: nn.Module, traced: Trace, spec: BlockSpec) -> _Built:
         spec = _on_clean_paths(spec, full)
         if not any(spec(p, m) for p, m in modules.items() if p):
             raise TraceError("block_pattern matches no module of the traced transformers model")
-    found = traced_blocks(modules, traced, twin.config, spec)
+    found = traced_blocks(modules, traced, twin.config, spec, rebuild=partial(_rebuilt_modules, type(twin)))
     stacks, keys = _make_stacks(found, full, type(model).__name__)
     stack_blocks = {name: found.stacks[key] for name, key in keys.items()}
     first = first_starts(traced)

@@ -41,15 +41,11 @@ def _rt_detr(decoder_layers: int) -> tf.RTDetrForObjectDetection:
     return tf.RTDetrForObjectDetection(cfg)
 
 
-# decoder_layers=6 is RT-DETR's default: 2 FPN + 2 downsample + 2 PAN lists sum to 6 and are taken as the
-# model's "6 blocks, as its config declares"; decoder_layers=2: the 2 FPN blocks alone match the count.
-@pytest.mark.xfail(
-    strict=True,
-    reason="review 20b: RT-DETR's decoder layers (config.decoder_layers) are no stack; the hybrid encoder's "
-    "FPN/PAN lists, whose count (or sum) coincides with decoder_layers, are stacked instead and every decoder "
-    "layer lands at their head",
-)
-@pytest.mark.parametrize("decoder_layers", [6, 2])
+# Coincidences the rule must not take (review 20b): decoder_layers=6 is RT-DETR's default, and 2 FPN + 2
+# downsample + 2 PAN lists also sum to 6 (fewer lists win); with decoder_layers=3 the 3 input projections have
+# the count too, and with decoder_layers=2 the FPN, PAN, lateral and downsampling lists each do (the lists that
+# grow with decoder_layers win, blocks.grown_lists).
+@pytest.mark.parametrize("decoder_layers", [6, 3, 2])
 def test_rt_detr_decoder_layers_are_a_stack(decoder_layers):
     # modeling_rt_detr.py (5.25): RTDetrDecoder.__init__ l. 1197 builds
     #   self.layers = nn.ModuleList([RTDetrDecoderLayer(config) for _ in range(config.decoder_layers)])
@@ -69,3 +65,22 @@ def test_rt_detr_decoder_layers_are_a_stack(decoder_layers):
     for i in range(decoder_layers):
         assert lm[name.format(i)] == i + 1, lm.info(name.format(i)).reason
         assert lr_of[name.format(i)] == LR * DECAY ** (decoder_layers - i)
+
+
+def test_grown_lists_are_the_lists_a_count_builds_and_nothing_when_the_class_refuses():
+    # RT-DETR at decoder_layers=2: a twin with decoder_layers=3 grows model.decoder.layers (and the per-layer heads
+    # the decoder builds with it: modeling_rt_detr.py l. 1197 and its class_embed / bbox_embed lists),
+    # never the FPN/PAN lists, whose length is len(encoder_in_channels) - 1
+    from llrd.blocks import grown_lists
+    from llrd.discovery import _rebuilt_modules
+
+    model = _rt_detr(2)
+    modules = dict(model.named_modules())
+    grown = grown_lists(modules, model.config, model.config, lambda cfg: _rebuilt_modules(type(model), cfg))
+    assert "model.decoder.layers" in grown
+    assert not grown & {f"model.encoder.{n}" for n in ("fpn_blocks", "pan_blocks", "lateral_convs", "downsample_convs")}
+
+    def refuse(cfg):
+        raise ValueError("this class validates its config")
+
+    assert grown_lists(modules, model.config, model.config, refuse) == set()
