@@ -3,6 +3,7 @@ peft's ``create_loraplus_optimizer`` tensor by tensor at ``layer_decay=1.0``."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -224,3 +225,25 @@ def test_unset_is_trainer_and_a_refinement_alone_says_so(tmp_out, caplog):
         if extra:
             assert any("no effect" in r.getMessage() and "loraplus_lr_ratio" in r.getMessage() for r in caplog.records)
     assert LLRDTrainingArguments(output_dir=str(tmp_out), loraplus_lr_ratio=2.0).active
+
+
+# ---------------------------------------------------------------- llrd inspect
+
+
+def test_inspect_shows_the_loraplus_groups_of_a_lora_run(capsys):
+    from llrd.__main__ import main
+
+    flags = ["--loraplus_lr_ratio", "16", "--layer_decay", "0.8", "--learning_rate", "1e-4"]
+    lora = ["--lora", "query", "value", "word_embeddings", "--lora_r", "4"]
+    assert main(["inspect", "bert", "--config", "num_hidden_layers=2", *lora, *flags, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["groups"]
+    a = {r["depth"]: r["lr_scale"] for r in rows if "LoRA+" not in r["what"]}
+    b = {r["depth"]: r["lr_scale"] for r in rows if r["what"].endswith("(LoRA+ B)")}
+    assert set(b) == {1, 2, 3} and all(b[d] == a[d] * 16 for d in b)  # head: the classifier's bias
+    assert b[1] == 0.8**2 * 16
+    emb = [r for r in rows if r["what"] == "embeddings (LoRA+ embedding)"]
+    assert len(emb) == 1 and emb[0]["lr"] == pytest.approx(1e-6 * 0.8**3, rel=1e-12)
+    with pytest.raises(SystemExit):
+        main(["inspect", "bert", "--config", "num_hidden_layers=2", *flags])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "loraplus_lr_ratio=16 is set" in err and "no trainable LoRA tensor" in err and "add --lora TARGET" in err
