@@ -8,7 +8,8 @@ The rules are those of peft's ``create_loraplus_optimizer`` (checked tensor by t
   peft LoRA ``Embedding`` layer. Rate ``loraplus_lr_embedding`` (an absolute rate, as in peft; default 1e-6);
   it decays.
 * **B**: otherwise, ``lora_B`` in its name, or any 1-D trainable tensor (biases and norm weights too, as in
-  peft). Rate ``loraplus_lr_ratio x lr``; it decays only if the run's decay rule says so.
+  peft; a ZeRO-3 partition counts by its full shape, ``ds_shape``, where peft would see a flat tensor). Rate
+  ``loraplus_lr_ratio x lr``; it decays only if the run's decay rule says so (Trainer's, by default).
 * **A**: every other tensor (``lora_A``, a trainable classifier, ...). Rate ``lr``; it decays.
 
 The weight decay of the decaying tensors is ``loraplus_weight_decay`` when given, else the run's
@@ -73,6 +74,11 @@ def check_loraplus(
     return ratio, emb, weight_decay
 
 
+def _ndim(param: nn.Parameter) -> int:
+    """The tensor's own number of dimensions, also for a ZeRO-3 partition (whose local data is flat)."""
+    return len(getattr(param, "ds_shape", param.shape))
+
+
 def _lora_embedding_class() -> type | None:
     try:
         from peft.tuners.lora.layer import Embedding
@@ -111,7 +117,7 @@ class LoraPlus:
             owner = raw.rsplit(".", 2)[0] if raw.count(".") >= 2 else None  # holder of the tensor's container
             if embedding is not None and owner is not None and isinstance(modules.get(owner), embedding):
                 out[raw] = "embedding"
-            elif "lora_B" in raw or params[raw].ndim == 1:
+            elif "lora_B" in raw or _ndim(params[raw]) == 1:
                 out[raw] = "B"
             else:
                 out[raw] = "A"

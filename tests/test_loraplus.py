@@ -137,6 +137,39 @@ def test_norm_weights_follow_trainers_decay_rule_not_peft_s_older_one():
     assert by_tensor(param_groups(model, lr=LR, decay_names=peft_rule, **settings)) == want
 
 
+def test_a_zero3_partition_counts_by_its_full_shape():
+    """Under ZeRO-3 a tensor's local data is flat (1-D); its kind must come from its real shape (``ds_shape``)."""
+    from llrd.loraplus import LoraPlus
+
+    model = lora_bert()
+    name, a = next((n, p) for n, p in model.named_parameters() if ".lora_A." in n)
+    a.ds_shape = a.shape
+    a.data = torch.empty(0)  # what a ZeRO-3 partition looks like outside a gather
+    kinds = LoraPlus(16).kinds(model, [name, name.replace("lora_A", "lora_B")])
+    assert kinds == {name: "A", name.replace("lora_A", "lora_B"): "B"}
+
+
+def test_resume_with_loraplus_is_bit_for_bit(tmp_path):
+    def trainer(out, steps):
+        args = make_args(out, layer_decay=0.8, loraplus_lr_ratio=16, max_steps=steps, save_strategy="steps",
+                         save_steps=2, weight_decay=0.01)  # fmt: skip
+        return LLRDTrainer(model=lora_bert(), args=args, train_dataset=text_data(8))
+
+    whole = trainer(tmp_path / "whole", 4)
+    whole.train()
+    layout = json.loads((tmp_path / "whole" / "checkpoint-2" / "llrd_layout.json").read_text())
+    assert any(g["group_name"].endswith("/loraplus_B/decay") for g in layout)
+    resumed = trainer(tmp_path / "resumed", 4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    want = {n: p for n, p in whole.model.named_parameters() if p.requires_grad}
+    got = {n: p for n, p in resumed.model.named_parameters() if p.requires_grad}
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    other = LLRDTrainer(model=lora_bert(), train_dataset=text_data(8), args=make_args(
+        tmp_path / "other", layer_decay=0.8, loraplus_lr_ratio=4, max_steps=4, weight_decay=0.01))  # fmt: skip
+    with pytest.raises(ValueError, match="lr_scale 12.8 in the checkpoint, 3.2 now"):
+        other.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -189,7 +222,7 @@ def test_trainer_trains_with_loraplus_inside_the_depth_groups(tmp_out):
     names = [g["group_name"] for g in trainer.optimizer.param_groups]
     assert "bert.encoder.layer/block_0/loraplus_B/decay" in names
     logged = trainer.state.log_history[0]
-    assert logged["lr/depth_01"] in (LR * 0.8**2, LR * (0.8**2 * 16))  # per-depth logs: a rate of that depth
+    assert logged["lr/depth_01"] == LR * 0.8**2  # per-depth logs: the depth's first group (its A tensors)
 
 
 def test_trainer_at_layer_decay_1_has_peft_s_rates_under_a_schedule(tmp_out):
