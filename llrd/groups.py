@@ -1,6 +1,7 @@
 """Turn depths into optimizer param groups.
 
-Each group holds the parameters of one (stack, depth, weight-decay) bucket and carries an explicit ``lr``
+Each group holds the parameters of one (stack, depth, weight-decay) bucket (split by LoRA+ kind with
+``loraplus_lr_ratio``: :mod:`llrd.loraplus`) and carries an explicit ``lr``
 (so any torch or HF scheduler keeps the per-layer ratios) plus metadata: ``lr_scale``, ``layer_id`` (the
 depth), ``stack``, ``group_name`` and ``param_names``. Groups are ordered head first, because
 ``Trainer`` logs only group 0's rate as ``learning_rate``.
@@ -81,8 +82,8 @@ def param_groups(
         loraplus_weight_decay: with LoRA+, the weight decay of the tensors LoRA+ decays; ``None``: ``weight_decay``.
 
     Returns:
-        A list of dicts for ``torch.optim.Optimizer``: head first, one per (stack, depth, decay) bucket,
-        never empty.
+        A list of dicts for ``torch.optim.Optimizer``: head first, one per (stack, depth, decay) bucket (with
+        LoRA+, per LoRA+ kind too), never empty.
 
     Example:
         >>> groups = param_groups(model, lr=1e-4, layer_decay=0.8, weight_decay=0.01)   # doctest: +SKIP
