@@ -127,10 +127,10 @@ def param_groups(
     return groups
 
 
-def _group(lr: float, weight_decay: float, scale: float, depth: int | None, stack: str | None, name: str):
+def _group(lr: float, weight_decay: float, scale: float, depth: int | None, stack: str | None, name: str, rate=None):
     return {
         "params": [],
-        "lr": lr * scale,
+        "lr": lr * scale if rate is None else rate,
         "weight_decay": weight_decay,
         "lr_scale": scale,
         "layer_id": depth,
@@ -142,7 +142,8 @@ def _group(lr: float, weight_decay: float, scale: float, depth: int | None, stac
 
 class _Entry(NamedTuple):
     """One parameter to place: its depth, the tensor, its weight decay (0: none), and its LoRA+ kind and rate
-    factor (``None`` and 1 without LoRA+)."""
+    factor (``None`` and 1 without LoRA+); ``absolute``: a rate given as such (LoRA+ embeddings), which the
+    group's rate is computed from so that it is exact at scale 1."""
 
     info: ParamDepth
     param: nn.Parameter
@@ -150,6 +151,11 @@ class _Entry(NamedTuple):
     decays: bool
     kind: str | None
     factor: float
+    absolute: float | None = None
+
+    def rate(self, lr: float, depth_scale: float) -> float | None:
+        """The group rate, when it is not ``lr * scale``."""
+        return None if self.absolute is None else self.absolute * depth_scale
 
 
 def _entries(model, kept, layer_map: LayerMap, decay: set[str], lr, weight_decay, plus: LoraPlus | None):
@@ -165,7 +171,9 @@ def _entries(model, kept, layer_map: LayerMap, decay: set[str], lr, weight_decay
     for raw, param in kept:
         kind = kinds[raw]
         decays = plus.decays(kind, raw in decay)
-        out.append(_Entry(layer_map.info(raw), param, value if decays else 0.0, decays, kind, plus.factor(kind, lr)))
+        absolute = plus.lr_embedding if kind == "embedding" else None
+        info = layer_map.info(raw)
+        out.append(_Entry(info, param, value if decays else 0.0, decays, kind, plus.factor(kind, lr), absolute))
     return out
 
 
@@ -187,7 +195,9 @@ def _depth_layout(entries: list[_Entry], lr, scaling: Scaling, stacks) -> list[d
                 f"{info.stack}/{info.role.replace(' ', '_')}{extra}{_kind_label(e)}/"
                 f"{'decay' if e.decays else 'no_decay'}"
             )
-            buckets[key] = _group(lr, e.weight_decay, scaling.scale(info) * e.factor, info.depth, info.stack, label)
+            scale = scaling.scale(info)
+            rate = e.rate(lr, scale)
+            buckets[key] = _group(lr, e.weight_decay, scale * e.factor, info.depth, info.stack, label, rate)
         buckets[key]["params"].append(e.param)
         buckets[key]["param_names"].append(info.name)
     return [buckets[k] for k in sorted(buckets)]
@@ -201,7 +211,7 @@ def _flat_layout(entries: list[_Entry], lr) -> list[dict[str, Any]]:
         key = (KINDS.index(e.kind) if e.kind is not None else 0, not e.decays)
         if key not in buckets:
             name = f"all{_kind_label(e)}/{'decay' if e.decays else 'no_decay'}"
-            buckets[key] = _group(lr, e.weight_decay, e.factor, None, None, name)
+            buckets[key] = _group(lr, e.weight_decay, e.factor, None, None, name, e.rate(lr, 1.0))
         buckets[key]["params"].append(e.param)
         buckets[key]["param_names"].append(e.info.name)
     return [buckets[k] for k in sorted(buckets)]

@@ -129,6 +129,13 @@ class LoraPlus:
                 f"tensors (biases, norms) by {self.lr_ratio:g}. Wrap the model with peft's get_peft_model(model, "
                 "LoraConfig(...)) first, or leave loraplus_lr_ratio unset."
             )
+        counts = {k: sum(v == k for v in out.values()) for k in KINDS}
+        logger.info(
+            "LoRA+ (loraplus_lr_ratio=%g): %d A tensors at their depth's rate, %d B at %g x (%d of them 1-D tensors "
+            "without lora_B in the name, as peft), %d LoRA embedding tensors at %g x their depth's scale",
+            self.lr_ratio, counts["A"], counts["B"], self.lr_ratio,
+            sum(k == "B" and "lora_B" not in n for n, k in out.items()), counts["embedding"], self.lr_embedding,
+        )  # fmt: skip
         return out
 
     def factor(self, kind: str, lr: float) -> float:

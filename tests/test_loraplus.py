@@ -64,7 +64,7 @@ def test_lora_B_at_ratio_times_its_A_at_the_depth_scale_of_its_block():
     # LoRA embedding tensors: loraplus_lr_embedding (peft's 1e-6) at the embeddings' depth scale 0.8 ** 3
     emb = [n for n in got if "lora_embedding_" in n]
     assert sorted(n.split(".")[-2] for n in emb) == ["lora_embedding_A", "lora_embedding_B"]
-    assert all(got[n] == LR * (0.8**3 * (1e-6 / LR)) for n in emb)
+    assert all(got[n] == 1e-6 * 0.8**3 for n in emb)
     assert got["classifier.modules_to_save.default.weight"] == LR  # head, 2-D: A
     assert got["classifier.modules_to_save.default.bias"] == LR * 16  # 1-D trainable tensors go with B (peft)
 
@@ -109,6 +109,16 @@ def test_every_tensor_rate_and_weight_decay_equal_peft_at_layer_decay_1(make, se
     peft_order = ["all/decay", "all/loraplus_B/decay", "all/loraplus_B/no_decay", "all/loraplus_embedding/decay"]
     assert flat == [n for n in peft_order if n in flat]  # peft's groups A, B, B without decay, embedding
     assert len(flat) == (4 if make is lora_bert else 3)  # Llama has no bias: no B tensor without decay
+
+
+def test_parity_is_exact_for_any_rates():
+    """The embedding rate is peft's number itself at scale 1, not lr * (rate / lr), which is 1 ulp off for some."""
+    model = lora_bert()
+    for lr, emb in ((3.7e-4, 2.3e-6), (1.234e-5, 7.77e-7), (5e-4, 1e-6)):
+        settings = dict(loraplus_lr_ratio=5.5, loraplus_lr_embedding=emb)
+        peft = by_tensor(create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, **settings).param_groups)
+        assert by_tensor(param_groups(model, lr=lr, **settings)) == peft
+        assert by_tensor(param_groups(model, lr=lr, per_depth=True, **settings)) == peft
 
 
 def test_weight_decay_stands_in_for_an_unset_loraplus_weight_decay():
