@@ -225,8 +225,7 @@ class LLRDArguments:
                 f"{self.gradual_unfreeze_depths} >= 1 and reinit_top_blocks={self.reinit_top_blocks} >= 0."
             )
         self.scaling()  # validates the scale settings
-        if self.loraplus_lr_ratio is not None:
-            check_loraplus(self.loraplus_lr_ratio, self.loraplus_lr_embedding, self.loraplus_weight_decay)
+        check_loraplus(self.loraplus_lr_ratio, self.loraplus_lr_embedding, self.loraplus_weight_decay)
 
     def scaling(self) -> Scaling:
         """The scale rules these settings mean."""

@@ -51,15 +51,16 @@ def _number(value: Any, setting: str, what: str) -> float:
 
 def check_loraplus(
     lr_ratio: Any, lr_embedding: Any = DEFAULT_LR_EMBEDDING, weight_decay: Any = None
-) -> tuple[float, float, float | None]:
-    """The three LoRA+ settings as floats, or a ``ValueError`` naming the first bad one and its value.
+) -> tuple[float | None, float, float | None]:
+    """The three LoRA+ settings as floats (``lr_ratio`` may be ``None``: off), or a ``ValueError`` naming the first
+    bad one and its value.
 
     Example:
         >>> check_loraplus(16, 1e-6, None)
         (16.0, 1e-06, None)
     """
-    ratio = _number(lr_ratio, "loraplus_lr_ratio", "pass the ratio of the B to the A rate, e.g. 16.")
-    if ratio <= 0:
+    ratio = None if lr_ratio is None else _number(lr_ratio, "loraplus_lr_ratio", "pass the B/A rate ratio, e.g. 16.")
+    if ratio is not None and ratio <= 0:
         raise ValueError(
             f"loraplus_lr_ratio={lr_ratio!r} must be > 0: LoRA's B matrices train at loraplus_lr_ratio x lr "
             "(the paper uses 2-16); leave it unset (None) for plain LoRA."

@@ -197,6 +197,8 @@ def test_other_invalid_settings_name_themselves(tmp_out):
         param_groups(lora_bert(), lr=LR, loraplus_lr_ratio=16, loraplus_lr_embedding=-1e-6)
     with pytest.raises(ValueError, match=r"^loraplus_weight_decay=-0.1"):
         make_args(tmp_out, loraplus_lr_ratio=16, loraplus_weight_decay=-0.1)
+    with pytest.raises(ValueError, match=r"^loraplus_lr_embedding='high' is not a finite number"):
+        make_args(tmp_out, loraplus_lr_embedding="high")  # checked even while loraplus_lr_ratio is unset
 
 
 def test_a_model_without_lora_is_an_error_not_a_silent_16x_on_its_biases(tmp_out):
