@@ -16,10 +16,12 @@ from .inspect import (
     inspect_model,
     load_config,
     plot_rows,
+    with_lora,
 )
 
 USAGE = (
-    "llrd inspect MODEL [--config key=value ...] [--task TASK] [--explain] [--json] [--plot PNG] [LLRD training flags]"
+    "llrd inspect MODEL [--config key=value ...] [--task TASK] [--lora TARGET ...] [--explain] [--json] [--plot PNG] "
+    "[LLRD training flags]"
 )
 
 
@@ -39,6 +41,15 @@ def _inspect_parser() -> argparse.ArgumentParser:
         "--explain", action="store_true", help="also say why each parameter outside the blocks got its depth"
     )
     p.add_argument("--plot", metavar="PNG", help="also draw learning rate per depth to this PNG")
+    p.add_argument(
+        "--lora",
+        nargs="+",
+        metavar="TARGET",
+        help="wrap the model with peft LoRA on these target modules (e.g. q_proj v_proj, or all-linear) to see the "
+        "groups of a LoRA run, e.g. with --loraplus_lr_ratio 16",
+    )
+    p.add_argument("--lora_r", type=int, default=8, help="with --lora: the LoRA rank (default 8)")
+    p.add_argument("--lora_modules_to_save", nargs="+", metavar="MODULE", help="with --lora: peft's modules_to_save")
     p.add_argument("--trust_remote_code", action="store_true", help="allow custom code from the checkpoint")
     return p
 
@@ -65,9 +76,13 @@ def inspect_main(argv: list[str]) -> int:
         )
     try:
         model = empty_model(config, ns.task)
+        if ns.lora:
+            model = with_lora(model, ns.lora, ns.lora_r, ns.lora_modules_to_save)
         rows, layer_map = inspect_model(model, args)
     except ValueError as err:
-        parser.error(str(err))
+        lora = "no trainable LoRA" in str(err)
+        hint = " (llrd inspect: add --lora TARGET ..., e.g. --lora query value)" if lora else ""
+        parser.error(str(err) + hint)
     if ns.plot:
         plot_rows(rows, ns.plot, title=f"{type(model).__name__}, layer_decay={args.layer_decay}")
     depth = {"source": layer_map.source, "how": layer_map.note}

@@ -18,6 +18,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from .guards import check_deepspeed_config, check_fsdp, check_launch_environment
+from .loraplus import check_loraplus
 from .monitor import LAYER_STATS_CHOICES
 from .scaling import Scaling, check_layer_decay
 
@@ -115,6 +116,29 @@ class LLRDArguments:
             "are not shifted. 0: freeze nothing."
         },
     )
+    loraplus_lr_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA+ (arXiv:2402.12354, peft's name) inside every depth group: LoRA's B tensors, and every 1-D "
+            "trainable tensor as in peft, train at loraplus_lr_ratio x their depth's rate (the paper uses 2-16). At "
+            "layer_decay=1 every rate and weight decay equals peft's create_loraplus_optimizer. Needs a peft LoRA "
+            "model (an error otherwise). None: off."
+        },
+    )
+    loraplus_lr_embedding: float = field(
+        default=1e-6,
+        metadata={
+            "help": "With loraplus_lr_ratio: the absolute rate of LoRA embedding tensors at scale 1 (peft's default "
+            "1e-6), times their depth's scale like every other tensor."
+        },
+    )
+    loraplus_weight_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "With loraplus_lr_ratio: the weight decay of the tensors LoRA+ decays (LoRA A, embeddings, and "
+            "the B tensors Trainer decays). None: weight_decay (peft's own default is 0)."
+        },
+    )
     gradual_unfreeze_every: float = field(
         default=0.0,
         metadata={
@@ -201,6 +225,7 @@ class LLRDArguments:
                 f"{self.gradual_unfreeze_depths} >= 1 and reinit_top_blocks={self.reinit_top_blocks} >= 0."
             )
         self.scaling()  # validates the scale settings
+        check_loraplus(self.loraplus_lr_ratio, self.loraplus_lr_embedding, self.loraplus_weight_decay)
 
     def scaling(self) -> Scaling:
         """The scale rules these settings mean."""
@@ -223,6 +248,7 @@ class LLRDArguments:
             or self.head_lr_scale != 1.0
             or self.adaptive_lr
             or self.gradual_unfreeze_every > 0
+            or self.loraplus_lr_ratio is not None
         )
 
     @property
@@ -274,6 +300,9 @@ class LLRDArguments:
             head_lr_scale=self.head_lr_scale,
             lr_multipliers=self.lr_multipliers,
             freeze_below_scale=self.freeze_below_scale,
+            loraplus_lr_ratio=self.loraplus_lr_ratio,
+            loraplus_lr_embedding=self.loraplus_lr_embedding,
+            loraplus_weight_decay=self.loraplus_weight_decay,
             per_depth=self.adaptive_lr or self.gradual_unfreeze_every > 0,
         )
 
@@ -299,6 +328,8 @@ _REFINES = {
     "gradual_unfreeze_unit": "gradual_unfreeze_every",
     "gradual_unfreeze_depths": "gradual_unfreeze_every",
     "reinit_pooler": "reinit_top_blocks",
+    "loraplus_lr_embedding": "loraplus_lr_ratio",
+    "loraplus_weight_decay": "loraplus_lr_ratio",
 }
 
 

@@ -1,6 +1,7 @@
 """Turn depths into optimizer param groups.
 
-Each group holds the parameters of one (stack, depth, weight-decay) bucket and carries an explicit ``lr``
+Each group holds the parameters of one (stack, depth, weight-decay) bucket (split by LoRA+ kind with
+``loraplus_lr_ratio``: :mod:`llrd.loraplus`) and carries an explicit ``lr``
 (so any torch or HF scheduler keeps the per-layer ratios) plus metadata: ``lr_scale``, ``layer_id`` (the
 depth), ``stack``, ``group_name`` and ``param_names``. Groups are ordered head first, because
 ``Trainer`` logs only group 0's rate as ``learning_rate``.
@@ -10,11 +11,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
-from .discovery import BlockSpec, DepthOverrides, LayerMap, layer_ids
+from .discovery import BlockSpec, DepthOverrides, LayerMap, ParamDepth, layer_ids
+from .loraplus import KINDS, LoraPlus
 from .scaling import Scaling, check_layer_decay
 
 __all__ = ["param_groups", "check_layer_decay", "default_decay_names", "split_by_mesh", "summarize_groups"]
@@ -49,6 +51,9 @@ def param_groups(
     head_lr_scale: float = 1.0,
     lr_multipliers: Mapping[str, float] | None = None,
     freeze_below_scale: float = 0.0,
+    loraplus_lr_ratio: float | None = None,
+    loraplus_lr_embedding: float = 1e-6,
+    loraplus_weight_decay: float | None = None,
 ) -> list[dict[str, Any]]:
     """Build per-layer param groups for any optimizer.
 
@@ -71,10 +76,14 @@ def param_groups(
         lr_multipliers: ``{regex: factor}`` on top of the decay; first regex found in the clean name wins.
         freeze_below_scale: parameters whose decayed scale is below it are left out of every group
             (timm ``no_opt_scale``); :class:`llrd.LLRDTrainer` also sets ``requires_grad=False`` on them.
+        loraplus_lr_ratio: LoRA+ (peft's name): LoRA's B tensors (and 1-D tensors) train at this many times the
+            rate of their depth, inside every depth group (see :mod:`llrd.loraplus`). ``None``: off.
+        loraplus_lr_embedding: with LoRA+, the rate of LoRA embedding tensors at scale 1 (peft's default 1e-6).
+        loraplus_weight_decay: with LoRA+, the weight decay of the tensors LoRA+ decays; ``None``: ``weight_decay``.
 
     Returns:
-        A list of dicts for ``torch.optim.Optimizer``: head first, one per (stack, depth, decay) bucket,
-        never empty.
+        A list of dicts for ``torch.optim.Optimizer``: head first, one per (stack, depth, decay) bucket (with
+        LoRA+, per LoRA+ kind too), never empty.
 
     Example:
         >>> groups = param_groups(model, lr=1e-4, layer_decay=0.8, weight_decay=0.01)   # doctest: +SKIP
@@ -83,6 +92,9 @@ def param_groups(
     scaling = Scaling(
         layer_decay, stack_decay, layer_decay_min_scale, head_lr_scale, lr_multipliers, freeze_below_scale
     )
+    plus = None
+    if loraplus_lr_ratio is not None:
+        plus = LoraPlus(loraplus_lr_ratio, loraplus_lr_embedding, loraplus_weight_decay)
     if layer_map is None:
         layer_map = layer_ids(
             model, block_pattern=block_pattern, depth_overrides=depth_overrides, depth_source=depth_source
@@ -94,30 +106,31 @@ def param_groups(
         decay = set(decay_names(model))
     else:
         decay = set(decay_names)
-    entries = [
-        (layer_map.info(raw), param, raw in decay)
+    kept = [
+        (raw, param)
         for raw, param in model.named_parameters()
         if (param.requires_grad or include_frozen) and not scaling.frozen(layer_map.info(raw))
     ]
-    if not entries:
+    if not kept:
         raise ValueError(
             f"{type(model).__name__} has no trainable parameter (every parameter has requires_grad=False): "
             "nothing to optimize. Unfreeze some parameters, or pass include_frozen=True to plan groups anyway."
         )
-    if not per_depth and all(scaling.scale(info) == 1.0 for info, _, _ in entries):
-        groups = _trainer_layout(entries, lr, weight_decay)
+    entries = _entries(model, kept, layer_map, decay, lr, weight_decay, plus)
+    if not per_depth and all(scaling.scale(e.info) == 1.0 for e in entries):
+        groups = _flat_layout(entries, lr)
     else:
-        groups = _depth_layout(entries, lr, scaling, weight_decay, list(layer_map.stacks))
+        groups = _depth_layout(entries, lr, scaling, list(layer_map.stacks))
     placed = [id(p) for g in groups for p in g["params"]]
     if len(placed) != len(entries) or len(set(placed)) != len(entries):
         raise AssertionError(f"llrd bug: {len(entries)} parameters to place but {len(placed)} placed in groups")
     return groups
 
 
-def _group(lr: float, weight_decay: float, scale: float, depth: int | None, stack: str | None, name: str):
+def _group(lr: float, weight_decay: float, scale: float, depth: int | None, stack: str | None, name: str, rate=None):
     return {
         "params": [],
-        "lr": lr * scale,
+        "lr": lr * scale if rate is None else rate,
         "weight_decay": weight_decay,
         "lr_scale": scale,
         "layer_id": depth,
@@ -127,34 +140,81 @@ def _group(lr: float, weight_decay: float, scale: float, depth: int | None, stac
     }
 
 
-def _depth_layout(entries, lr, scaling: Scaling, weight_decay, stacks) -> list[dict[str, Any]]:
-    """One group per (stack, depth, multiplier rule, decay) bucket, head first."""
+class _Entry(NamedTuple):
+    """One parameter to place: its depth, the tensor, its weight decay (0: none), and its LoRA+ kind and rate
+    factor (``None`` and 1 without LoRA+); ``absolute``: a rate given as such (LoRA+ embeddings), which the
+    group's rate is computed from so that it is exact at scale 1."""
+
+    info: ParamDepth
+    param: nn.Parameter
+    weight_decay: float
+    decays: bool
+    kind: str | None
+    factor: float
+    absolute: float | None = None
+
+    def rate(self, lr: float, depth_scale: float) -> float | None:
+        """The group rate, when it is not ``lr * scale``."""
+        return None if self.absolute is None else self.absolute * depth_scale
+
+
+def _entries(model, kept, layer_map: LayerMap, decay: set[str], lr, weight_decay, plus: LoraPlus | None):
+    """The parameters to place, with their decay and (with LoRA+) their LoRA+ kind, factor and decay."""
+    if plus is None:
+        return [
+            _Entry(layer_map.info(raw), p, weight_decay if raw in decay else 0.0, raw in decay, None, 1.0)
+            for raw, p in kept
+        ]
+    kinds = plus.kinds(model, [raw for raw, _ in kept])
+    value = plus.decay_value(weight_decay)
+    out = []
+    for raw, param in kept:
+        kind = kinds[raw]
+        decays = plus.decays(kind, raw in decay)
+        absolute = plus.lr_embedding if kind == "embedding" else None
+        info = layer_map.info(raw)
+        out.append(_Entry(info, param, value if decays else 0.0, decays, kind, plus.factor(kind, lr), absolute))
+    return out
+
+
+def _kind_label(entry: _Entry) -> str:
+    return "" if entry.kind in (None, "A") else f"/loraplus_{entry.kind}"
+
+
+def _depth_layout(entries: list[_Entry], lr, scaling: Scaling, stacks) -> list[dict[str, Any]]:
+    """One group per (stack, depth, multiplier rule, LoRA+ kind, decay) bucket, head first."""
     buckets: dict[tuple, dict[str, Any]] = {}
-    for info, param, decays in entries:
+    for e in entries:
+        info = e.info
         rule, factor = scaling.multiplier(info.name)
-        key = (info.num_layers + 1 - info.depth, stacks.index(info.stack), rule, not decays)
+        kind = KINDS.index(e.kind) if e.kind is not None else 0
+        key = (info.num_layers + 1 - info.depth, stacks.index(info.stack), rule, kind, not e.decays)
         if key not in buckets:
             extra = f"/x{factor:g}" if rule >= 0 else ""
-            label = f"{info.stack}/{info.role.replace(' ', '_')}{extra}/{'decay' if decays else 'no_decay'}"
-            wd = weight_decay if decays else 0.0
-            buckets[key] = _group(lr, wd, scaling.scale(info), info.depth, info.stack, label)
-        buckets[key]["params"].append(param)
+            label = (
+                f"{info.stack}/{info.role.replace(' ', '_')}{extra}{_kind_label(e)}/"
+                f"{'decay' if e.decays else 'no_decay'}"
+            )
+            scale = scaling.scale(info)
+            rate = e.rate(lr, scale)
+            buckets[key] = _group(lr, e.weight_decay, scale * e.factor, info.depth, info.stack, label, rate)
+        buckets[key]["params"].append(e.param)
         buckets[key]["param_names"].append(info.name)
     return [buckets[k] for k in sorted(buckets)]
 
 
-def _trainer_layout(entries, lr, weight_decay) -> list[dict[str, Any]]:
-    """No decay: exactly Trainer's [decay, no_decay] groups, in ``named_parameters`` order."""
-    groups = []
-    for decays, name in ((True, "all/decay"), (False, "all/no_decay")):
-        group = _group(lr, weight_decay if decays else 0.0, 1.0, None, None, name)
-        for info, param, d in entries:
-            if d == decays:
-                group["params"].append(param)
-                group["param_names"].append(info.name)
-        if group["params"]:
-            groups.append(group)
-    return groups
+def _flat_layout(entries: list[_Entry], lr) -> list[dict[str, Any]]:
+    """No decay: Trainer's [decay, no_decay] groups, in ``named_parameters`` order (with LoRA+: those two per
+    LoRA+ kind, as peft's groups)."""
+    buckets: dict[tuple, dict[str, Any]] = {}
+    for e in entries:
+        key = (KINDS.index(e.kind) if e.kind is not None else 0, not e.decays)
+        if key not in buckets:
+            name = f"all{_kind_label(e)}/{'decay' if e.decays else 'no_decay'}"
+            buckets[key] = _group(lr, e.weight_decay, e.factor, None, None, name, e.rate(lr, 1.0))
+        buckets[key]["params"].append(e.param)
+        buckets[key]["param_names"].append(e.info.name)
+    return [buckets[k] for k in sorted(buckets)]
 
 
 def split_by_mesh(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:

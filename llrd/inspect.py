@@ -17,7 +17,15 @@ from .checkpoints import resolve_checkpoint
 from .discovery import LayerMap, layer_ids
 from .groups import param_groups
 
-__all__ = ["resolve_checkpoint", "empty_model", "inspect_rows", "format_table", "plot_rows", "explain_rows"]
+__all__ = [
+    "resolve_checkpoint",
+    "empty_model",
+    "with_lora",
+    "inspect_rows",
+    "format_table",
+    "plot_rows",
+    "explain_rows",
+]
 
 TASKS = ("auto", "sequence-classification", "image-classification", "causal-lm", "seq2seq-lm", "base")
 
@@ -84,6 +92,32 @@ def empty_model(config, task: str = "auto") -> nn.Module:
     raise ValueError(f"no model class for {type(config).__name__} and task {task!r}: " + "; ".join(errors))
 
 
+def with_lora(
+    model: nn.Module, targets: Sequence[str], r: int = 8, modules_to_save: Sequence[str] | None = None
+) -> nn.Module:
+    """``model`` wrapped by peft's LoRA on ``targets`` (peft's ``target_modules``; ``["all-linear"]`` works), on the
+    meta device like the model, so that ``llrd inspect`` shows the groups of a LoRA run (``--lora``). A sequence
+    classifier gets peft's ``SEQ_CLS`` task type (its head trains, as in a real run).
+
+    Example:
+        >>> with_lora(empty_model(BertConfig()), ["query", "value"]).peft_config["default"].r   # doctest: +SKIP
+        8
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:
+        raise ValueError(f"--lora needs peft (pip install peft): {err}") from err
+    target: str | list[str] = targets[0] if list(targets) == ["all-linear"] else list(targets)
+    task = "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else None
+    config = LoraConfig(r=r, target_modules=target, modules_to_save=list(modules_to_save or []) or None, task_type=task)
+    return get_peft_model(model, config)
+
+
+def _loraplus_kind(group_name: str) -> str:
+    kind = next((k for k in ("B", "embedding") if f"/loraplus_{k}/" in group_name), None)
+    return f" (LoRA+ {kind})" if kind else ""
+
+
 def inspect_rows(groups: list[dict[str, Any]], layer_map: LayerMap) -> list[dict[str, Any]]:
     """One row per param group: depth, stack, what it holds, tensors, parameters, lr, scale, weight decay."""
     rows = []
@@ -94,7 +128,7 @@ def inspect_rows(groups: list[dict[str, Any]], layer_map: LayerMap) -> list[dict
             {
                 "depth": group["layer_id"],
                 "stack": group["stack"] if group["stack"] is not None else "all",
-                "what": roles[0] if len(roles) == 1 else f"{len(roles)} depths",
+                "what": (roles[0] if len(roles) == 1 else f"{len(roles)} depths") + _loraplus_kind(group["group_name"]),
                 "tensors": len(group["params"]),
                 "params": sum(p.numel() for p in group["params"]),
                 "lr": group["lr"],

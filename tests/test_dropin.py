@@ -540,6 +540,10 @@ EFFECTS = {
         lambda t: not any(isinstance(c, RateCheck) for c in _started(t).callback_handler.callbacks),
     ),
     "fix_loss_scaling": (True, {}, lambda t: t.model_accepts_loss_kwargs is False),
+    # LoRA+ needs a peft LoRA model: at default, alone and acting in tests/test_loraplus.py
+    "loraplus_lr_ratio": (16.0, {}, None),
+    "loraplus_lr_embedding": (1e-4, {"loraplus_lr_ratio": 16.0}, None),
+    "loraplus_weight_decay": (0.1, {"loraplus_lr_ratio": 16.0}, None),
 }
 
 
