@@ -27,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "scripts" / "results"
 DOCS = ROOT / "docs"
-DATASETS = {"sst2": "SST-2", "mr": "MR", "agnews": "AG News"}
-BENCH_QUALITY = "python scripts/bench_quality.py --dataset sst2 mr agnews"
+DATASETS = {"sst2": "SST-2", "mr": "MR", "agnews": "AG News", "fashion_mnist": "Fashion-MNIST (DINOv2-S)"}
+BENCH_QUALITY = "python scripts/bench_quality.py --dataset sst2 mr agnews fashion_mnist"
 logger = logging.getLogger(__name__)
 
 
